@@ -1,0 +1,1 @@
+"""Benchmarks for meterwall (run ``python benchmarks/overhead.py``; see benchmarks/README.md)."""

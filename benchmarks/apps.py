@@ -1,0 +1,148 @@
+"""The variant apps, as uvicorn factories: ``uvicorn benchmarks.apps:<factory> --factory``.
+
+All wrap the same trivial Starlette app (``GET /ping``, ``POST /echo`` that parses a JSON body).
+Settings come from the environment: ``MW_*`` for meterwall (``Settings.from_env()``), and
+``BENCH_REDIS_URL`` for the two alternatives that talk to Redis themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from meterwall import Meterwall, Settings
+from meterwall.types import ASGIApp, Receive, Scope, Send
+
+LOG_STREAM, LOG_COUNTS = "bench:log", "bench:counts"
+RATE_LIMIT = "1000000/minute"  # far from being hit
+
+
+async def ping(request: Request) -> JSONResponse:
+    return JSONResponse({"pong": True})
+
+
+async def echo(request: Request) -> JSONResponse:
+    data = await request.json()
+    return JSONResponse({"ok": True, "fields": len(data)})
+
+
+def _routes() -> list[Route]:
+    return [Route("/ping", ping), Route("/echo", echo, methods=["POST"])]
+
+
+def bare() -> ASGIApp:
+    """Variant 1: the app alone."""
+    return Starlette(routes=_routes())
+
+
+class NoOp:
+    """A pure-ASGI middleware that does nothing: the floor of any middleware."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def noop() -> ASGIApp:
+    """Variant 2."""
+    return NoOp(bare())
+
+
+def with_meterwall() -> ASGIApp:
+    """Variants 3 and 4 (and 5 later): meterwall configured by the ``MW_*`` variables."""
+    return Meterwall(bare(), settings=Settings.from_env())
+
+
+class RedisLogger(BaseHTTPMiddleware):
+    """The usual way: a ``BaseHTTPMiddleware`` that awaits one XADD and one HINCRBY per request."""
+
+    def __init__(self, app: ASGIApp, redis_url: str) -> None:
+        super().__init__(app)
+        self.redis_url = redis_url
+        self.redis: Redis | None = None
+
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if self.redis is None:  # made in the server's loop
+            self.redis = Redis.from_url(self.redis_url)
+        start = time.time()
+        response = await call_next(request)
+        consumer = request.headers.get("x-consumer", "")
+        entry: dict[Any, Any] = {
+            "ts": start,
+            "method": request.method,
+            "path": request.url.path,
+            "status": response.status_code,
+            "ip": request.client.host if request.client else "",
+            "consumer": consumer,
+            "ms": round((time.time() - start) * 1000, 3),
+        }
+        await self.redis.xadd(LOG_STREAM, entry, maxlen=100_000, approximate=True)
+        await self.redis.hincrby(LOG_COUNTS, f"{consumer}:{request.url.path}", 1)
+        return response
+
+
+def basehttp_logger() -> ASGIApp:
+    """Variant 6a."""
+    url = os.environ["BENCH_REDIS_URL"]
+    return Starlette(routes=_routes(), middleware=[Middleware(RedisLogger, redis_url=url)])
+
+
+class RateLimit:
+    """A pure-ASGI middleware around the ``limits`` library with its async Redis storage.
+
+    ``BENCH_LIMITER`` picks the strategy: ``fixed-window`` (default, as slowapi's default) or
+    ``moving-window``. The key is the consumer header, else the client address.
+    """
+
+    def __init__(self, app: ASGIApp, redis_url: str, strategy: str) -> None:
+        from limits import parse
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+
+        self.app = app
+        self.limit = parse(RATE_LIMIT)
+        storage = RedisStorage("async+" + redis_url)
+        kinds = {"fixed-window": FixedWindowRateLimiter, "moving-window": MovingWindowRateLimiter}
+        self.limiter = kinds[strategy](storage)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = next((v for k, v in scope["headers"] if k == b"x-consumer"), b"").decode("latin-1")
+        if not key and scope.get("client"):
+            key = scope["client"][0]
+        if not await self.limiter.hit(self.limit, "bench", key):
+            await JSONResponse({"error": "rate limited"}, status_code=429)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def rate_limited() -> ASGIApp:
+    """Variant 6b."""
+    strategy = os.environ.get("BENCH_LIMITER", "fixed-window")
+    return RateLimit(bare(), os.environ["BENCH_REDIS_URL"], strategy)
+
+
+def profiled() -> ASGIApp:
+    """``BENCH_PROFILE_FACTORY``'s app under cProfile, dumped to ``BENCH_PROFILE_OUT``."""
+    from .profiling import profiled_app
+
+    factory = {"with_meterwall": with_meterwall, "bare": bare, "noop": noop,
+               "basehttp_logger": basehttp_logger, "rate_limited": rate_limited}  # fmt: skip
+    inner = factory[os.environ["BENCH_PROFILE_FACTORY"]]()
+    return profiled_app(inner, os.environ["BENCH_PROFILE_OUT"])

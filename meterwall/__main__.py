@@ -1,0 +1,5 @@
+"""``python -m meterwall`` is the ``meterwall`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,252 @@
+"""The access decision, made before the app runs: API key, route rules, networks, scopes.
+
+Rules match meterwall's own path patterns (the framework's route template is only known after
+routing): ``{name}`` matches one path segment, a trailing ``*`` matches the rest. The first rule
+whose method and pattern match decides: ``public`` needs no key, otherwise the key must carry
+every scope the rule names. Routes without a rule need a valid key and no scope.
+
+Keys are cached in process (30 s, dropped at once when a revocation is published), unknown keys
+briefly too, so the steady state does no Redis I/O; a cache miss is one ``GET`` with its own
+short timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Any
+
+import orjson
+
+from .apikeys import ApiKey, KeyStore
+from .errors import ConfigurationError
+from .keyspace import Keyspace
+from .types import Scope, Send
+
+log = logging.getLogger("meterwall")
+
+CACHE_SECONDS = 30.0
+NEGATIVE_CACHE_SECONDS = 5.0
+_CACHE_LIMIT = 65536
+_SEGMENT = re.compile(r"\{[^/{}]+\}")
+TYPES = "https://meterwall.dev/problems/"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    methods: frozenset[str]  # empty: every method
+    pattern: re.Pattern[str]
+    text: str
+    public: bool
+    scopes: frozenset[str]
+
+
+def parse_rules(text: str, *, setting: str = "MW_ACCESS_RULES") -> tuple[Rule, ...]:
+    """``"/health=public, GET /docs/*=public, POST /items/*=items:write, /admin/*=admin+ops"``."""
+    rules = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, eq, what = item.rpartition("=")
+        words = target.split()
+        if not eq or not what.strip() or len(words) not in (1, 2) or not words[-1].startswith("/"):
+            raise ConfigurationError(
+                setting, f"expected [METHOD] /pattern=public|scope+scope, got {item!r}"
+            )
+        methods = frozenset(words[0].upper().split("|")) if len(words) == 2 else frozenset()
+        pattern = re.escape(words[-1]).replace(r"\*", "*").replace(r"\{", "{").replace(r"\}", "}")
+        pattern = _SEGMENT.sub("[^/]+", pattern)
+        pattern = pattern[:-1] + ".*" if pattern.endswith("*") else pattern
+        public = what.strip() == "public"
+        scopes = frozenset() if public else frozenset(s for s in what.strip().split("+") if s)
+        rules.append(Rule(methods, re.compile(pattern + "$"), item, public, scopes))
+    return tuple(rules)
+
+
+def parse_networks(text: str, *, setting: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    try:
+        return tuple(ip_network(p.strip()) for p in text.replace(" ", ",").split(",") if p.strip())
+    except ValueError as exc:
+        raise ConfigurationError(setting, str(exc)) from None
+
+
+@dataclass(slots=True)
+class Decision:
+    """Admitted (``reason`` is empty) or denied with a status and a stable reason."""
+
+    status: int = 0
+    reason: str = ""
+    key: ApiKey | None = None
+    degraded: bool = False
+
+
+ADMIT = Decision()
+
+
+class AccessControl:
+    """Makes the access decision for one middleware instance."""
+
+    def __init__(
+        self, keyspace: Keyspace, server_key: bytes, rules: Sequence[Rule], *,
+        header: str = "x-api-key", allow: Sequence[Any] = (), deny: Sequence[Any] = (),
+        on_redis_error: str = "open", timeout: float = 0.5,
+    ) -> None:  # fmt: skip
+        self._keyspace = keyspace
+        self._server_key = server_key
+        self._rules = tuple(rules)
+        self._header = header.lower().encode()
+        self._allow, self._deny = tuple(allow), tuple(deny)
+        self._on_error = on_redis_error
+        self._timeout = timeout
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._redis: Any = None
+        self._listener_client: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._down_until = 0.0
+        self.degraded_decisions = 0
+        self.key_events = 0  # key changes seen on the pub/sub channel (tests await them)
+        self.key_event = asyncio.Event()
+        self.listening = asyncio.Event()  # set once subscribed to key changes
+
+    def bind(self, redis: Any, listener: Any) -> None:
+        """Use ``redis`` (with the access timeout) for lookups and ``listener`` for revocations."""
+        self._redis, self._listener_client = redis, listener
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
+
+    async def decide(self, scope: Scope) -> Decision:
+        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        rule = next((r for r in self._rules if (not r.methods or method in r.methods)
+                     and r.pattern.match(path)), None)  # fmt: skip
+        client = scope.get("client")
+        if not self._network_ok(client[0] if client else None, ()):
+            return Decision(403, "network")
+        presented = self._presented_key(scope)
+        if presented is None:
+            return ADMIT if rule is not None and rule.public else Decision(401, "missing-key")
+        if self._on_error == "closed" and time.monotonic() < self._down_until:
+            return Decision(503, "store-unavailable", degraded=True)
+        digest = KeyStore(None, self._keyspace, self._server_key).digest(presented)
+        cached = self._cache.get(digest)
+        now = time.time()
+        if cached is not None and cached[0] > time.monotonic():
+            key = cached[1]
+            state = "unknown" if key is None else key.state(int(now))
+        else:
+            store = KeyStore(self._redis, self._keyspace, self._server_key)
+            try:
+                key, state = await store.verify(presented, int(now))
+            except Exception as exc:  # any store failure: the failure policy decides
+                self._down_until = time.monotonic() + 5
+                self.degraded_decisions += 1
+                log.warning("meterwall: access check could not reach Redis: %s", exc)
+                stale = cached[1] if cached is not None else None
+                if (
+                    self._on_error == "open"
+                    and stale is not None
+                    and stale.state(int(now)) == "valid"
+                ):
+                    key, state = stale, "valid"  # known valid: admitted without Redis
+                else:
+                    return Decision(503, "store-unavailable", degraded=True)
+            else:
+                if state != "malformed":
+                    self._remember(digest, key, state)
+        if key is None:
+            return Decision(401, "malformed" if state == "malformed" else "invalid-key")
+        if state != "valid":  # expired or revoked: refused, and counted for its consumer
+            return Decision(401, state, key)
+        if key.cidrs and not self._network_ok(client[0] if client else None, key.cidrs):
+            return Decision(403, "network", key)
+        if rule is not None and not rule.public and not rule.scopes <= set(key.scopes):
+            return Decision(403, "scope", key)
+        return Decision(0, "", key)
+
+    def _presented_key(self, scope: Scope) -> str | None:
+        raw: bytes
+        for name, raw in scope.get("headers") or ():
+            if name == b"authorization" and raw[:7].lower() == b"bearer ":
+                return raw[7:].strip().decode("latin-1")
+            if name == self._header:
+                return raw.strip().decode("latin-1")
+        return None
+
+    def _network_ok(self, address: str | None, cidrs: Sequence[str]) -> bool:
+        if not (self._allow or self._deny or cidrs):
+            return True
+        try:
+            ip: IPv4Address | IPv6Address = ip_address(address or "")
+        except ValueError:
+            return False
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # one client, whichever form the server reports
+        if any(ip in net for net in self._deny):
+            return False
+        if self._allow and not any(ip in net for net in self._allow):
+            return False
+        return not cidrs or any(ip in ip_network(c) for c in cidrs)
+
+    def _remember(self, digest: str, key: ApiKey | None, state: str) -> None:
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        ttl = CACHE_SECONDS if key is not None else NEGATIVE_CACHE_SECONDS
+        self._cache[digest] = (time.monotonic() + ttl, key)
+
+    async def _listen(self, redis: Any) -> None:
+        """Revocations, rotations and changes reach this worker within a second."""
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keyspace.key_events())
+                    self.listening.set()
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self.forget(message["data"].decode())
+                            self.key_events += 1
+                            self.key_event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # reconnect after any error, and start clean
+                self._cache.clear()
+                await asyncio.sleep(1)
+
+    def forget(self, key_id: str) -> None:
+        for digest in [d for d, (_, k) in self._cache.items() if k is not None and k.id == key_id]:
+            del self._cache[digest]
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for client in (self._redis, self._listener_client):
+            if client is not None:
+                with contextlib.suppress(Exception):  # closing a client of a closed loop
+                    await client.aclose()
+        self._redis = self._listener_client = None
+
+
+async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:
+    """The standard answer: problem+json over HTTP, a policy close for a websocket handshake."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": decision.reason})
+        return
+    titles = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests",
+              503: "Service Unavailable"}  # fmt: skip
+    body = orjson.dumps({"type": TYPES + decision.reason, "title": titles[decision.status],
+                         "status": decision.status, "detail": decision.reason})  # fmt: skip
+    headers = [(b"content-type", b"application/problem+json"),
+               (b"content-length", str(len(body)).encode())]  # fmt: skip
+    if decision.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="api"'))
+    if decision.status == 503:
+        headers.append((b"retry-after", b"5"))
+    if decision.degraded:
+        headers.append((b"meterwall-degraded", b"access-store-unavailable"))
+    await send({"type": "http.response.start", "status": decision.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

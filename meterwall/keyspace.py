@@ -1,0 +1,149 @@
+"""Every Redis key meterwall uses is built here (documented in docs/keyspace.md).
+
+Keys that belong together carry the hash tag of a logical shard, ``{sNN}``, derived from the
+consumer id, so that one consumer's data lives in one Redis Cluster slot and a flush needs at most
+one script call per shard. The shard count is fixed per deployment and recorded in Redis
+(``<prefix>:meta``) so that every process agrees; a process configured with another count
+refuses to start.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+#: Raw records are grouped in slices of this many seconds; a slice expires as one key, at its
+#: start plus the retention, so a record lives between (retention - slice) and retention.
+SLICE_SECONDS = 300
+#: Counter buckets (seconds).
+BUCKET_15M = 900
+BUCKET_1H = 3600
+
+#: Index member tags (first byte of a member of an index zset).
+TAG_IP = b"i"
+TAG_NET = b"n"
+TAG_CONSUMER = b"c"
+TAG_KEY = b"k"
+
+
+class Keyspace:
+    """Key names under one prefix; cheap to call on the flusher's path."""
+
+    __slots__ = ("_shard_prefixes", "prefix", "shards", "slice_seconds")
+
+    def __init__(self, prefix: str, shards: int, retention_s: int = 86400) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a key prefix must not contain '{' or '}'")
+        self.prefix = prefix
+        self.shards = shards
+        # Short retentions (tests, strict deployments) get short slices, so that a slice's
+        # expiry at start + retention does not cut its records' lives short.
+        self.slice_seconds = min(SLICE_SECONDS, max(1, retention_s // 4))
+        self._shard_prefixes = [f"{prefix}:{{s{n:02d}}}:" for n in range(shards)]
+
+    def shard_of(self, consumer: str) -> int:
+        """The logical shard of a consumer; anonymous traffic ('') always lands on shard 0."""
+        if not consumer:
+            return 0
+        return zlib.crc32(consumer.encode()) % self.shards
+
+    def slice_start(self, time_s: int) -> int:
+        return time_s - time_s % self.slice_seconds
+
+    def shard_prefix(self, shard: int) -> str:
+        """Prefix of every key of one shard; the flush script builds its keys from it."""
+        return self._shard_prefixes[shard]
+
+    # Keys of one shard (the Lua script builds the same names from the shard prefix).
+    def records(self, shard: int, slice_start: int) -> str:
+        return f"{self._shard_prefixes[shard]}rec:{slice_start}"
+
+    def index(self, shard: int, slice_start: int) -> str:
+        return f"{self._shard_prefixes[shard]}ix:{slice_start}"
+
+    def slices(self, shard: int) -> str:
+        return f"{self._shard_prefixes[shard]}slices"
+
+    def data_key(self, shard: int, key_id: bytes) -> str:
+        return f"{self._shard_prefixes[shard]}dk:{key_id.hex()}"
+
+    def high_water_mark(self, shard: int, writer: str) -> str:
+        return f"{self._shard_prefixes[shard]}hwm:{writer}"
+
+    def counters_15m(self, shard: int, bucket_start: int) -> str:
+        return f"{self._shard_prefixes[shard]}c15:{bucket_start}"
+
+    def counters_1h(self, shard: int, bucket_start: int) -> str:
+        return f"{self._shard_prefixes[shard]}c1h:{bucket_start}"
+
+    def stats(self, shard: int) -> str:
+        return f"{self._shard_prefixes[shard]}stats"
+
+    def counters_day(self, consumer: str, day: str) -> str:
+        """One consumer's counters of one day in its billing zone ('YYYY-MM-DD')."""
+        return f"{self._shard_prefixes[self.shard_of(consumer)]}cd:{consumer}:{day}"
+
+    def counters_month(self, consumer: str, month: str) -> str:
+        """One consumer's counters of one month in its billing zone ('YYYY-MM')."""
+        return f"{self._shard_prefixes[self.shard_of(consumer)]}cm:{consumer}:{month}"
+
+    def closed(self, consumer: str, month: str) -> str:
+        """The frozen snapshot of a consumer's closed month (JSON with a checksum)."""
+        return f"{self._shard_prefixes[self.shard_of(consumer)]}closed:{consumer}:{month}"
+
+    def adjustments(self, consumer: str, month: str) -> str:
+        """Deltas that arrived for a consumer's month after it was closed."""
+        return f"{self._shard_prefixes[self.shard_of(consumer)]}adj:{consumer}:{month}"
+
+    def uniques(self, consumer: str, day: str) -> str:
+        """HyperLogLog of one consumer's daily client pseudonyms of one UTC day."""
+        return f"{self._shard_prefixes[self.shard_of(consumer)]}uq:{consumer}:{day}"
+
+    # Keys outside the shards.
+    def meta(self) -> str:
+        return f"{self.prefix}:meta"
+
+    def consumers(self) -> str:
+        return f"{self.prefix}:consumers"
+
+    def api_key(self, key_id: str) -> str:
+        """One API key's metadata and keyed hash (never the key itself)."""
+        return f"{self.prefix}:key:{key_id}"
+
+    def key_events(self) -> str:
+        """Pub/sub channel: key ids whose metadata changed (revoked, rotated)."""
+        return f"{self.prefix}:key-events"
+
+    def epoch_keys(self, hour: int) -> str:
+        return f"{self.prefix}:epk:{hour}"
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of this deployment."""
+        return f"{self.prefix}:*"
+
+
+def split_group(packed: bytes) -> list[bytes]:
+    """The sealed records of one stream entry (each prefixed by its 4-byte length)."""
+    blobs, pos, end = [], 0, len(packed)
+    while pos + 4 <= end:
+        length = int.from_bytes(packed[pos : pos + 4], "big")
+        blobs.append(packed[pos + 4 : pos + 4 + length])
+        pos += 4 + length
+    if pos != end:
+        raise ValueError("a record group is truncated")
+    return blobs
+
+
+#: Separator of the parts of a counter field (consumers, routes and key ids never contain it).
+SEP = "\x1f"
+
+
+def counter_field(
+    consumer: str, key_id: str, route: str, method: str, status: int, measure: str
+) -> str:
+    """Field of a shard's 15-minute or hour hash: every dimension, then the measure."""
+    return f"{consumer}{SEP}{key_id}{SEP}{route}{SEP}{method}{SEP}{status}{SEP}{measure}"
+
+
+def split_counter_field(field: str) -> tuple[str, str, str, str, int, str]:
+    consumer, key_id, route, method, status, measure = field.split(SEP)
+    return consumer, key_id, route, method, int(status), measure

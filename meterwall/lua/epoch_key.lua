@@ -1,0 +1,16 @@
+-- Get or create the IP-pseudonym key(s) of one hourly epoch.
+--
+-- KEYS[1]  the epoch hash, e.g. "mw:epk:493012"
+-- ARGV[1]  key id (hex) of the candidate key this writer made
+-- ARGV[2]  the candidate, wrapped under the key derived from MW_PSEUDONYM_SECRET
+-- ARGV[3]  unix time at which the epoch's keys must be gone (epoch end + retention)
+--
+-- The first writer's candidate wins; everybody gets the hash back and uses its smallest key id,
+-- so all writers agree. A key a writer published while Redis was away is simply another field
+-- (a search by IP tries them all). The hash expires with the retention window: after that the
+-- pseudonyms of that hour can never be linked to an address again.
+if redis.call('HLEN', KEYS[1]) == 0 or ARGV[4] == 'add' then
+  redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+end
+return redis.call('HGETALL', KEYS[1])

@@ -1,0 +1,179 @@
+"""The ASGI middleware: a plain ASGI callable (never ``BaseHTTPMiddleware``).
+
+Per HTTP request it wraps receive and send, lets the app run, then hands the finished exchange to
+the flusher (metering in memory, queueing for sealing): no I/O, no await on Redis. Websockets and
+other scopes pass straight through; lifespan messages pass through unchanged while the middleware
+watches them to start the flusher and to flush everything before the server reports shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from typing import Any
+
+from .access import AccessControl, Decision, parse_networks, parse_rules, send_denial
+from .capture import Exchange
+from .clock import SYSTEM_CLOCK, Clock
+from .flusher import Flusher
+from .journal import Journal
+from .pseudonyms import derive
+from .settings import Settings
+from .store import connect
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("meterwall")
+
+_INSTANCES: weakref.WeakSet[Meterwall] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for instance in list(_INSTANCES):
+        instance.flusher.after_fork()
+
+
+# A forked worker (gunicorn --preload, multiprocessing) must get its own writer id: two
+# processes numbering batches under one id would make the script drop one of them as duplicates.
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Meterwall:
+    """Mount with ``app = Meterwall(app, settings=Settings.from_env())`` or ``add_middleware``.
+
+    ``settings`` defaults to ``Settings.from_env()``, so invalid ``MW_*`` variables fail here, at
+    start-up. ``clock`` is injectable for tests. Raises ``ConfigurationError``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        journal: Journal | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings if settings is not None else Settings.from_env()
+        self.clock = clock
+        self.flusher = Flusher(self.settings, clock, journal)
+        header = self.settings.consumer_header
+        self._consumer_header = header.lower().encode() if header else None
+        self._body_limit = self.settings.body_limit
+        self.access = _access_control(self.settings)
+        self._access_loop: asyncio.AbstractEventLoop | None = None
+        for note in self.settings.weakened():
+            log.warning("meterwall: weaker than the default: %s", note)
+        if self.settings.records == "off":
+            log.warning("meterwall: MW_RECORDS=off: no raw records are kept, only counts")
+        _INSTANCES.add(self)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif kind == "websocket" and self.access is not None:
+            decision = await self._decide(scope)
+            if decision.status:  # the handshake gets the same decision as a request
+                await send_denial(decision, scope, send)
+                return
+            await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _decide(self, scope: Scope) -> Decision:
+        access = self.access
+        assert access is not None
+        loop = asyncio.get_running_loop()
+        if self._access_loop is not loop:  # clients belong to the loop they were made in
+            self._access_loop = loop
+            access.bind(connect(self.settings, timeout=self.settings.access_timeout),
+                        connect(self.settings, timeout=None))  # fmt: skip
+        return await access.decide(scope)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = Exchange(scope, receive, send, self._body_limit, self.clock.now_ns())
+        root_path = scope.get("root_path", "")
+        try:
+            if self.access is not None:
+                decision = await self._decide(scope)
+                if decision.key is not None:
+                    ex.consumer, ex.key_id = decision.key.consumer, decision.key.id
+                if decision.status:
+                    ex.denied = decision.reason
+                    await send_denial(decision, scope, ex.send)
+                    return
+            await self.app(scope, ex.receive, ex.send)
+        except BaseException:
+            ex.error = True
+            if not ex.status:
+                ex.status = 500
+            raise
+        finally:
+            try:
+                ex.finish(root_path)
+                if self._consumer_header is not None and not ex.key_id:
+                    ex.consumer = self._consumer(scope)
+                self.flusher.submit(ex)
+            except Exception:  # metering must never break the app
+                log.exception("meterwall: could not record a request")
+
+    def _consumer(self, scope: Scope) -> str:
+        for name, value in scope.get("headers") or ():
+            if name == self._consumer_header:
+                text: str = value.decode("latin-1").strip()
+                return text[:128] if text.isprintable() else ""
+        return ""
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.flusher.start()
+            return message
+
+        async def watch_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, watch_receive, watch_send)
+
+    async def aclose(self, timeout: float = 5.0) -> bool:
+        """Flush everything and stop the flusher; True if nothing was left behind."""
+        if self.access is not None:
+            await self.access.aclose()
+            self._access_loop = None
+        return await self.flusher.aclose(timeout)
+
+    def health(self) -> dict[str, Any]:
+        return self.flusher.health()
+
+
+async def aclose(timeout: float = 5.0) -> bool:
+    """Flush every meterwall instance of this process (for apps without lifespan events)."""
+    results = [await instance.aclose(timeout) for instance in list(_INSTANCES)]
+    return all(results)
+
+
+def health() -> list[dict[str, Any]]:
+    """The flusher state of every instance in this process (``state``: ok, degraded, stopped)."""
+    return [instance.health() for instance in list(_INSTANCES)]
+
+
+def _access_control(settings: Settings) -> AccessControl | None:
+    if settings.access == "off":
+        log.info("meterwall: MW_ACCESS=off: API keys are not checked (MW_ACCESS=keys to do so)")
+        return None
+    secret = settings.pseudonym_secret
+    assert secret is not None  # Settings refuses MW_ACCESS=keys without it
+    return AccessControl(
+        settings.keyspace(), derive(secret.reveal(), "api-keys"),
+        parse_rules(settings.access_rules), header=settings.api_key_header,
+        allow=parse_networks(settings.access_allow, setting="MW_ACCESS_ALLOW"),
+        deny=parse_networks(settings.access_deny, setting="MW_ACCESS_DENY"),
+        on_redis_error=settings.access_on_redis_error,
+    )  # fmt: skip

@@ -1,0 +1,69 @@
+"""Records: the redacted, pseudonymised content of one exchange, before sealing.
+
+The record is a JSON object (orjson), versioned by its ``v`` field. The plaintext client address
+is inside it on purpose: only the holder of the private key, investigating an incident, can ever
+read it; everything outside the sealed blob (the indexes) holds keyed pseudonyms only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .capture import Exchange
+from .redaction import Redactor
+
+RECORD_VERSION = 1
+
+
+def build_record(
+    ex: Exchange,
+    record_id: bytes,
+    redactor: Redactor,
+    client_ip: str | None,
+    pseudonyms: tuple[bytes, bytes] | None,
+) -> bytes:
+    """Serialise one exchange, with every redaction applied, ready to be sealed."""
+    scope = ex.scope
+    headers = scope.get("headers") or []
+    content_type = None
+    for name, value in headers:
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+            break
+    client: dict[str, Any] = {"ip": client_ip}
+    if pseudonyms is not None:
+        client["pseudonym"] = pseudonyms[0].hex()
+        client["prefix_pseudonym"] = pseudonyms[1].hex()
+    else:
+        client["pseudonym"] = "invalid" if client_ip else None
+    server = scope.get("server")
+    record = {
+        "v": RECORD_VERSION,
+        "id": record_id.hex(),
+        "time_ns": ex.start_ns,
+        "method": scope.get("method", ""),
+        "route": ex.route,
+        "path": scope.get("path", ""),
+        "query": redactor.query(scope.get("query_string", b"")),
+        "scheme": scope.get("scheme", "http"),
+        "http_version": scope.get("http_version", ""),
+        "host": f"{server[0]}:{server[1]}" if server and server[1] is not None else None,
+        "status": ex.status,
+        "error": ex.error,
+        "disconnected": ex.disconnected,
+        "duration_ms": round(ex.duration_ns / 1e6, 3),
+        "ttfb_ms": round(ex.ttfb_ns / 1e6, 3) if ex.ttfb_ns >= 0 else None,
+        "bytes_in": ex.bytes_in,
+        "bytes_out": ex.bytes_out,
+        "decision": ex.denied or "admitted",
+        "consumer": ex.consumer or None,
+        "key_id": ex.key_id or None,
+        "client": client,
+        "headers": redactor.headers(headers),
+        "body": redactor.body(
+            content_type, b"".join(ex.body), size=ex.bytes_in, truncated=ex.truncated
+        ),
+    }
+    return orjson.dumps(record)

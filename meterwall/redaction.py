@@ -1,0 +1,336 @@
+"""Redaction of a captured request before it is sealed (DESIGN decision 6).
+
+A sealed record is still plaintext to whoever holds the reading key, and it lives for 24 h, so
+what goes into it must already be safe to show to an operator:
+
+* credentials are replaced by keyed fingerprints (``fp:`` + 12 hex): two requests with the same
+  token correlate, but the token cannot be read back nor brute-forced without the key;
+* client addresses in proxy headers are replaced by the caller's IP pseudonymiser, whose keys are
+  destroyed after the retention window, so the plaintext address never reaches storage;
+* fields whose *names* look secret are masked in query strings, JSON and form bodies;
+* any other body is kept only as a SHA-256 digest: free text may hold secrets we cannot find.
+
+This runs in the background flusher, not on the request path, but it sees every request: patterns
+are compiled and name lookups are cached once per ``Redactor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+
+__all__ = ["SECRET_MASK", "IpPseudonymFn", "Redactor"]
+
+IpPseudonymFn = Callable[[str], str]
+"""Maps an address text to its pseudonym text (``"ip:3fa9..."``); never raises."""
+
+SECRET_MASK = "***"  # noqa: S105 - the mask itself, not a credential
+
+_FINGERPRINT_HEX = 12
+_MIN_KEY_BYTES = 16
+_CACHE_LIMIT = 4096
+# orjson refuses to serialise deeper than 254 levels; the record wraps the body in a few more, so
+# a deeper document is kept as a digest rather than making the whole record unstorable.
+_MAX_JSON_DEPTH = 128
+
+_CREDENTIAL_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
+    "x-auth-token", "x-csrf-token", "x-xsrf-token", "x-amz-security-token",
+})  # fmt: skip
+_CREDENTIAL_HEADER_PARTS = ("token", "secret", "api-key", "apikey", "session", "password")
+_AUTHORIZATION_HEADERS = frozenset({"authorization", "proxy-authorization"})
+# Only well-known schemes are kept in clear: an unknown first word may itself be the secret
+# (``Authorization: s3cr3t other``), so such a value is fingerprinted whole.
+_AUTH_SCHEMES = frozenset({
+    "basic", "bearer", "digest", "negotiate", "ntlm", "hoba", "mutual", "vapid", "dpop", "token",
+    "apikey", "hawk", "oauth", "gnap", "privatetoken", "concealed", "scram-sha-1",
+    "scram-sha-256", "aws4-hmac-sha256", "aws", "kerberos", "jwt", "sso",
+})  # fmt: skip
+_ADDRESS_HEADERS = frozenset({
+    "x-forwarded-for", "forwarded", "x-real-ip", "true-client-ip", "cf-connecting-ip",
+    "x-client-ip", "x-cluster-client-ip", "fastly-client-ip", "x-original-forwarded-for",
+    "x-envoy-external-address",
+})  # fmt: skip
+# A Referer carries the previous page's query string, which is where tokens in URLs end up.
+_URL_HEADERS = frozenset({"referer"})
+
+_SECRET_NAME_PARTS = (
+    "password", "passwd", "secret", "token", "apikey", "accesskey", "privatekey", "authorization",
+    "authkey", "authcode", "credential", "cardnumber", "cardno", "creditcard", "ccnumber",
+    "sessionid", "cookie", "signature", "pincode", "otpcode", "passcode",
+)  # fmt: skip
+# Too short to match inside other words ("shipping", "author", "discard", "footprint",
+# "classname"): only the whole name counts.
+_SECRET_WHOLE_NAMES = frozenset(
+    {"pin", "pwd", "auth", "card", "cards", "cvv", "cvc", "cvv2", "ssn", "iban", "otp", "pan"}
+)
+# The words of a field name: split at anything but letters and digits and at camelCase humps.
+_WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+# One Forwarded pair (RFC 7239): token "=" (token | quoted-string), ending at ";", "," or the end.
+_FORWARDED_PAIR = re.compile(
+    r"""\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,"\s]*)\s*(?=[;,]|\Z)"""
+)
+_FORWARDED_ADDRESS_KEYS = frozenset({"for", "by"})
+_JSON_TYPE = "application/json"
+_FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def _normalise_name(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _text(data: bytes) -> str:
+    """Decode as UTF-8 when it is, else latin-1, which maps every byte and so never fails."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _host(token: str) -> str:
+    """The address part of an address token: drop quotes, ``[v6]`` brackets and a port."""
+    token = token.strip().strip('"').strip()
+    if token.startswith("["):
+        end = token.find("]")
+        return token[1:end] if end > 0 else token
+    if token.count(":") == 1:  # IPv4:port; a bare IPv6 address has several colons
+        return token.partition(":")[0]
+    return token
+
+
+class Redactor:
+    """Turns captured request parts into their redacted, storable form.
+
+    ``fingerprint_key`` keys the credential fingerprints; ``pseudonymise_ip`` replaces addresses.
+    ``extra_secret_fields`` adds name fragments (matched like the built-in ones, after
+    normalisation) and ``extra_credential_headers`` adds exact header names.
+    """
+
+    def __init__(
+        self,
+        fingerprint_key: bytes,
+        pseudonymise_ip: IpPseudonymFn,
+        *,
+        extra_secret_fields: Iterable[str] = (),
+        extra_credential_headers: Iterable[str] = (),
+    ) -> None:
+        if len(fingerprint_key) < _MIN_KEY_BYTES:
+            # A short key would let anyone holding a record brute-force short credentials.
+            raise ValueError(f"fingerprint_key must be at least {_MIN_KEY_BYTES} bytes")
+        self._key = bytes(fingerprint_key)
+        self._pseudonymise_ip = pseudonymise_ip
+        parts = {*_SECRET_NAME_PARTS, *(_normalise_name(f) for f in extra_secret_fields)}
+        parts.discard("")
+        # Longest first so the alternation is deterministic; search() only needs one hit.
+        alternatives = sorted(parts, key=lambda p: (-len(p), p))
+        self._secret_pattern = re.compile("|".join(re.escape(p) for p in alternatives))
+        self._credential_headers = _CREDENTIAL_HEADERS | {
+            h.strip().lower() for h in extra_credential_headers
+        }
+        self._secret_cache: dict[str, bool] = {}
+        self._header_cache: dict[str, str] = {}
+        self._value_cache: dict[int, tuple[str, str]] = {}
+
+    # --- primitives -------------------------------------------------------------------------
+
+    def fingerprint(self, value: bytes) -> str:
+        """``fp:`` + 12 hex of HMAC-SHA256: equal values correlate, nobody can read them back."""
+        digest = hmac.new(self._key, value, hashlib.sha256).hexdigest()
+        return "fp:" + digest[:_FINGERPRINT_HEX]
+
+    def is_secret_name(self, name: str) -> bool:
+        """Whether a field called ``name`` must be masked (case, ``-`` and ``_`` ignored)."""
+        cached = self._secret_cache.get(name)
+        if cached is None:
+            normalised = _normalise_name(name)
+            words = {w.lower() for w in _WORDS.findall(name)}  # card[number], userPwd, api_otp
+            cached = (
+                normalised in _SECRET_WHOLE_NAMES
+                or not words.isdisjoint(_SECRET_WHOLE_NAMES)
+                or self._secret_pattern.search(normalised) is not None
+            )
+            if len(self._secret_cache) >= _CACHE_LIMIT:  # attacker-chosen names: stay bounded
+                self._secret_cache.clear()
+            self._secret_cache[name] = cached
+        return cached
+
+    # --- headers ----------------------------------------------------------------------------
+
+    def headers(self, headers: Sequence[tuple[bytes, bytes]]) -> list[list[str]]:
+        """ASGI raw headers as ``[[name, value], ...]`` text with credentials and IPs replaced."""
+        out: list[list[str]] = []
+        cache = self._value_cache
+        for raw_name, raw_value in headers:
+            # Header lines repeat from request to request. The cache is keyed by a hash, so it
+            # never holds a credential itself (plaintext lives no longer than one flush).
+            key = hash((raw_name, raw_value))
+            pair = cache.get(key)
+            if pair is None:
+                name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+                lower = name.lower()
+                kind = self._header_kind(lower)
+                if kind == "address":  # depends on the hour's pseudonym key: never cached
+                    forwarded = lower == "forwarded"
+                    value = self._forwarded(value) if forwarded else self._address_list(value)
+                    out.append([name, value])
+                    continue
+                if kind == "credential":
+                    value = self._credential(lower, value, raw_value)
+                elif kind == "url":
+                    value = self._url(value)
+                pair = (name, value)
+                if len(cache) >= _CACHE_LIMIT:
+                    cache.clear()
+                cache[key] = pair
+            out.append(list(pair))
+        return out
+
+    def _header_kind(self, name: str) -> str:
+        kind = self._header_cache.get(name)
+        if kind is None:
+            if name in self._credential_headers or any(
+                part in name for part in _CREDENTIAL_HEADER_PARTS
+            ):
+                kind = "credential"
+            elif name in _ADDRESS_HEADERS:
+                kind = "address"
+            elif name in _URL_HEADERS:
+                kind = "url"
+            else:
+                kind = "plain"
+            if len(self._header_cache) >= _CACHE_LIMIT:
+                self._header_cache.clear()
+            self._header_cache[name] = kind
+        return kind
+
+    def _credential(self, name: str, value: str, raw: bytes) -> str:
+        if name in _AUTHORIZATION_HEADERS:
+            scheme, _, rest = value.strip().partition(" ")
+            rest = rest.strip()
+            if rest and scheme.lower() in _AUTH_SCHEMES:
+                return f"{scheme} {self.fingerprint(rest.encode('latin-1'))}"
+        elif name == "cookie":
+            return "; ".join(self._cookie(part) for part in value.split(";") if part.strip())
+        return self.fingerprint(raw)
+
+    def _cookie(self, pair: str) -> str:
+        name, eq, value = pair.partition("=")
+        if not eq:  # no name: the whole crumb may be the secret
+            return self.fingerprint(pair.strip().encode("latin-1"))
+        return f"{name.strip()}={self.fingerprint(value.strip().encode('latin-1'))}"
+
+    def _address_list(self, value: str) -> str:
+        """Each comma-separated element pseudonymised; garbage becomes ``ip:invalid``."""
+        tokens = (t for t in value.split(",") if t.strip())
+        return ", ".join(self._pseudonymise_ip(_host(t)) for t in tokens)
+
+    def _forwarded(self, value: str) -> str:
+        """RFC 7239: pseudonymise ``for=``/``by=`` and keep the other pairs verbatim.
+
+        A value that does not parse is treated as a plain address list, so a malformed header can
+        never smuggle an address into the record.
+        """
+        elements: list[str] = []
+        pairs: list[str] = []
+        pos, end = 0, len(value)
+        while True:
+            match = _FORWARDED_PAIR.match(value, pos)
+            if match is None:
+                return self._address_list(value)
+            key, raw = match.group(1), match.group(2)
+            if key.lower() in _FORWARDED_ADDRESS_KEYS:
+                pairs.append(f'{key}="{self._pseudonymise_ip(_host(raw))}"')
+            else:
+                pairs.append(f"{key}={raw}")
+            pos = match.end()
+            if pos >= end:
+                break
+            if value[pos] == ",":
+                elements.append(";".join(pairs))
+                pairs = []
+            pos += 1  # a ";" or "," (the lookahead guarantees one of them)
+        elements.append(";".join(pairs))
+        return ", ".join(elements)
+
+    def _url(self, value: str) -> str:
+        base, mark, rest = value.partition("?")
+        if not mark:
+            return value
+        query, hash_mark, fragment = rest.partition("#")
+        return f"{base}?{self._mask_pairs(query)}{hash_mark}{fragment}"
+
+    # --- query and bodies -------------------------------------------------------------------
+
+    def query(self, query_string: bytes) -> str:
+        """The query string as text with secret-named values masked, everything else verbatim."""
+        return self._mask_pairs(_text(query_string))
+
+    def _mask_pairs(self, text: str) -> str:
+        """Mask ``name=value`` pairs of a urlencoded text without re-encoding the others."""
+        if not text:
+            return text
+        parts = text.split("&")
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition("=")
+            if eq and self.is_secret_name(unquote_plus(name, encoding="latin-1")):
+                parts[i] = f"{name}={SECRET_MASK}"
+        return "&".join(parts)
+
+    def body(
+        self, content_type: str | None, data: bytes, *, size: int, truncated: bool
+    ) -> dict[str, Any]:
+        """The storable form of a captured body: masked JSON or form, else only a digest.
+
+        ``data`` is what was captured (a prefix when ``truncated``); ``size`` is the full size.
+        A truncated body is never parsed: half a document would hide where its secrets are.
+        """
+        media = (content_type or "").partition(";")[0].strip().lower() or None
+        out: dict[str, Any] = {"size": size, "truncated": truncated, "type": media}
+        if not data and not truncated:
+            out["kind"] = "empty"
+            return out
+        if not truncated and media is not None:
+            if media == _JSON_TYPE or media.endswith("+json"):
+                masked = self._json(data)
+                if masked is not None:
+                    out["kind"] = "json"
+                    out["json"] = masked[0]
+                    return out
+            elif media == _FORM_TYPE:
+                out["kind"] = "form"
+                out["form"] = self._mask_pairs(_text(data))
+                return out
+        out["kind"] = "digest"
+        out["sha256_prefix" if truncated else "sha256"] = hashlib.sha256(data).hexdigest()
+        return out
+
+    def _json(self, data: bytes) -> tuple[Any] | None:
+        """The parsed, masked document (in a 1-tuple, as ``null`` is a valid document), or None.
+
+        Iterative rather than recursive: orjson accepts 1024 levels, more than Python's stack.
+        """
+        try:
+            root = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        stack: list[tuple[Any, int]] = [(root, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > _MAX_JSON_DEPTH:
+                return None
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if self.is_secret_name(key):
+                        node[key] = SECRET_MASK  # same key: the dict's size does not change
+                    elif isinstance(value, dict | list):
+                        stack.append((value, depth + 1))
+            elif isinstance(node, list):
+                stack.extend((item, depth + 1) for item in node if isinstance(item, dict | list))
+        return (root,)

@@ -1,0 +1,264 @@
+"""Retention as a guarantee: ``audit`` proves the 24-hour promise on a live Redis; ``purge``
+applies it now.
+
+The audit is structure-aware: it knows which values are ciphertext (sealed records, wrapped keys)
+and which parts of an index member are binary pseudonyms, and looks for plaintext addresses and
+credentials in everything else, so random ciphertext cannot raise a false alarm and no clear
+field escapes the scan. It needs no private key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import InvalidRecord
+from .keyspace import Keyspace, split_group
+from .sealing import read_envelope
+from .settings import RETENTION_CEILING
+from .store import eviction_policy
+
+META_AOF_REWRITE = "aof_rewrite_requested_at"
+_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_IPV6 = re.compile(r"(?<![0-9A-Fa-f:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![0-9A-Fa-f:])")
+_CREDENTIAL = re.compile(
+    r"(?i)(?:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r"|\b(?:password|passwd|secret|api[_-]?key|token)\b[\"']?\s*[:=]\s*[\"']?(?!\*\*\*)[^\s\"'&,}]{3,}"
+)
+_RAW_KINDS = ("rec", "ix")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    problems: list[str] = field(default_factory=list)
+
+
+def plaintext_findings(text: str) -> list[str]:
+    """What in ``text`` looks like an IP address or a credential (validated, not just shaped)."""
+    found = []
+    for match in _IPV4.finditer(text):
+        if _is_ip(match.group()):
+            found.append(f"IPv4 address {match.group()}")
+    for match in _IPV6.finditer(text):
+        if match.group().count(":") >= 2 and _is_ip(match.group()):
+            found.append(f"IPv6 address {match.group()}")
+    found.extend(f"credential {m.group()[:12]}..." for m in _CREDENTIAL.finditer(text))
+    return found
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Auditor:
+    """Runs every check against one deployment's keys."""
+
+    def __init__(self, redis: Redis, keyspace: Keyspace, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        # redis-py types replies as unions of every decode mode; this client returns bytes.
+        self._redis: Any = redis
+        self._keyspace = keyspace
+        self._clock = clock
+
+    async def run(self) -> list[Check]:
+        now = self._clock.now_ns() // 1_000_000_000
+        expiry, age, plain = (
+            Check("expiry", True, ""),
+            Check("age", True, ""),
+            Check("plaintext", True, ""),
+        )
+        keys = scanned = 0
+        async for raw_key in self._redis.scan_iter(match=self._keyspace.pattern(), count=1000):
+            key = raw_key.decode()
+            keys += 1
+            kind = _kind(key, self._keyspace.prefix)
+            if kind in _RAW_KINDS:
+                await self._check_expiry(key, now, expiry)
+            elif kind in ("dk", "epk"):  # keys that open records or link pseudonyms to IPs
+                await self._check_key_expiry(key, expiry)
+            if kind == "rec":
+                await self._check_ages(key, now, age)
+            for where, text in await self._clear_texts(key, kind):
+                scanned += 1
+                plain.problems.extend(f"{key} ({where}): {f}" for f in plaintext_findings(text))
+        expiry.detail = (
+            f"{keys} keys scanned; raw-record and index keys expire within {RETENTION_CEILING} s, "
+            "data and pseudonym keys within their hour plus that"
+        )
+        age.detail = f"no record older than {RETENTION_CEILING} s"
+        plain.detail = f"{scanned} clear values scanned for IP addresses and credentials"
+        for check in (expiry, age, plain):
+            check.ok = not check.problems
+        return [expiry, age, plain, await self.persistence(now), await self.eviction()]
+
+    async def eviction(self) -> Check:
+        """Eviction could drop high-water marks (a retry then counts twice) or counters."""
+        policy = await eviction_policy(self._redis)
+        if policy is None:
+            return Check("eviction", False, "cannot read maxmemory-policy (CONFIG not allowed)")
+        ok = policy == "noeviction"
+        detail = f"maxmemory-policy is {policy}" + ("" if ok else " (set it to noeviction)")
+        return Check("eviction", ok, detail, [] if ok else [detail])
+
+    async def _check_expiry(self, key: str, now: int, check: Check) -> None:
+        ttl = await self._redis.ttl(key)
+        if ttl < 0:
+            check.problems.append(f"{key} has no expiry")
+        elif ttl > RETENTION_CEILING:
+            check.problems.append(f"{key} expires in {ttl} s, beyond the ceiling")
+        else:
+            slice_start = int(key.rsplit(":", 1)[1])
+            if now + ttl > slice_start + RETENTION_CEILING:
+                check.problems.append(f"{key} outlives its slice start by more than the ceiling")
+
+    async def _check_key_expiry(self, key: str, check: Check) -> None:
+        """Data keys and pseudonym keys live until their hour's last record is gone."""
+        ttl = await self._redis.ttl(key)
+        if ttl < 0:
+            check.problems.append(f"{key} has no expiry")
+        elif ttl > RETENTION_CEILING + 3600:
+            check.problems.append(f"{key} expires in {ttl} s, beyond its hour plus the ceiling")
+
+    async def _check_ages(self, key: str, now: int, check: Check) -> None:
+        if await self._redis.type(key) != b"stream":
+            check.problems.append(f"{key} is not a stream of sealed records")
+            return
+        for _, fields in await self._redis.xrange(key):
+            try:
+                blobs = split_group(fields.get(b"r", b""))
+                made = [read_envelope(blob).time_ns // 1_000_000_000 for blob in blobs]
+            except (InvalidRecord, ValueError):
+                check.problems.append(f"{key} holds a value that is not a sealed record")
+                continue
+            if made and now - min(made) > RETENTION_CEILING:
+                check.problems.append(f"{key} holds a record {now - min(made)} s old")
+
+    async def _clear_texts(self, key: str, kind: str) -> list[tuple[str, str]]:
+        """Every clear (non-ciphertext) part of a key's value, as text."""
+        out = []
+        for part, value in await key_parts(self._redis, key):
+            if (part == "value" and kind in ("dk", "epk")) or part == "sealed":
+                continue  # wrapped keys and sealed records are ciphertext
+            if part == "member" and kind == "ix":
+                value = value[19:]  # tag, 16-byte pseudonym, 2-byte position; a clear entry id
+            out.append((part, _text(value)))
+        return out
+
+    async def persistence(self, now: int) -> Check:
+        """Persistence files must not be able to hold copies older than the ceiling."""
+        r = self._redis
+        try:
+            save = (await r.config_get("save")).get("save", "")
+            aof = (await r.config_get("appendonly")).get("appendonly", "no")
+            info = await r.info("persistence")
+        except Exception as exc:  # managed Redis often disables CONFIG
+            return Check("persistence", False, f"cannot read the persistence settings: {exc}")
+        if not save and aof == "no":
+            return Check("persistence", True, "persistence is off: no file holds raw records")
+        problems = []
+        if save:
+            last = int(info.get("rdb_last_save_time", 0))
+            if now - last > RETENTION_CEILING:
+                problems.append(
+                    f"the last RDB snapshot is {now - last} s old (run `meterwall purge`)"
+                )
+        if aof == "yes":
+            requested = await r.hget(self._keyspace.meta(), META_AOF_REWRITE)
+            if requested is None or now - int(requested) > RETENTION_CEILING:
+                problems.append(
+                    "the AOF may hold writes older than the ceiling: no AOF rewrite by "
+                    "`meterwall purge` within the ceiling"
+                )
+        detail = "; ".join(problems) or "snapshots and AOF rewrites are newer than the ceiling"
+        return Check("persistence", not problems, detail, problems)
+
+
+async def key_parts(redis: Any, key: str | bytes) -> list[tuple[str, bytes]]:
+    """Every part of a key's value, labelled: value, field, member, entry id or sealed."""
+    kind_of_value = (await redis.type(key)).decode()
+    parts: list[tuple[str, bytes]] = []
+    if kind_of_value == "string":
+        parts.append(("value", await redis.get(key) or b""))
+    elif kind_of_value == "hash":
+        for name, value in (await redis.hgetall(key)).items():
+            parts += [("field", name), ("value", value)]
+    elif kind_of_value == "zset":
+        parts += [("member", m) for m in await redis.zrange(key, 0, -1)]
+    elif kind_of_value == "stream":
+        for entry_id, fields in await redis.xrange(key):
+            parts.append(("entry id", entry_id))
+            for name, value in fields.items():
+                parts += [("field", name), ("sealed" if name == b"r" else "value", value)]
+    elif kind_of_value == "list":
+        parts += [("member", m) for m in await redis.lrange(key, 0, -1)]
+    elif kind_of_value == "set":
+        parts += [("member", m) for m in await redis.smembers(key)]
+    return parts
+
+
+def _kind(key: str, prefix: str) -> str:
+    """The kind part of a key name: 'rec', 'ix', 'dk', 'c15', 'epk', 'meta', ...
+
+    The prefix itself may contain ':', so it is removed before the name is split.
+    """
+    parts = key[len(prefix) + 1 :].split(":")
+    return parts[1] if len(parts) > 1 and parts[0].startswith("{") else parts[0]
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+async def purge(
+    redis: Any, keyspace: Keyspace, retention_s: int, *, clock: Clock = SYSTEM_CLOCK
+) -> dict[str, int]:
+    """Delete every slice and epoch key past the window now, then ask for a persistence rewrite."""
+    now = clock.now_ns() // 1_000_000_000
+    deleted = 0
+    for shard in range(keyspace.shards):
+        old = await redis.zrangebyscore(keyspace.slices(shard), "-inf", now - retention_s)
+        for name in old:
+            slice_start = int(name)
+            deleted += await redis.delete(
+                keyspace.records(shard, slice_start), keyspace.index(shard, slice_start)
+            )
+        if old:
+            await redis.zremrangebyscore(keyspace.slices(shard), "-inf", now - retention_s)
+    async for raw_key in redis.scan_iter(match=f"{keyspace.prefix}:epk:*"):
+        hour = int(raw_key.decode().rsplit(":", 1)[1])
+        if (hour + 1) * 3600 + retention_s <= now:
+            deleted += await redis.delete(raw_key)
+    rewrites = 0
+    config = await redis.config_get("appendonly")
+    if config.get("appendonly") == "yes":
+        await redis.bgrewriteaof()
+        await redis.hset(keyspace.meta(), META_AOF_REWRITE, now)
+        rewrites += 1
+    if (await redis.config_get("save")).get("save"):
+        try:
+            await redis.bgsave()
+        except ResponseError as exc:  # a save already in progress is fine
+            if "in progress" not in str(exc):
+                raise
+        rewrites += 1
+    return {"deleted_keys": deleted, "rewrites_requested": rewrites}
+
+
+def failed(checks: Iterable[Check]) -> bool:
+    return any(not c.ok for c in checks)

@@ -1,0 +1,100 @@
+"""The write side of Redis: one pipelined round trip of script calls per flush.
+
+Each logical shard that a flush touches gets one EVALSHA carrying its packed batch; the script
+(``lua/apply_batch.lua``) fans it out to records, indexes and counters inside Redis. The client
+never re-sends a command on its own: redis-py's default retry re-sends a script whose reply
+timed out, which applied a flush twice in our trials. Our retries re-send the same batch on
+purpose, and the writer's high-water mark makes that safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, ResponseError
+
+from .errors import ConfigurationError
+from .keyspace import Keyspace
+from .settings import Settings
+
+APPLY_SCRIPT = resources.files("meterwall").joinpath("lua/apply_batch.lua").read_bytes()
+APPLY_SHA = hashlib.sha1(APPLY_SCRIPT, usedforsecurity=False).hexdigest()
+
+
+def connect(settings: Settings, *, timeout: float | str | None = "default") -> Redis:
+    """A client that fails fast and never retries behind our back.
+
+    ``timeout`` overrides ``MW_REDIS_TIMEOUT`` (None: no read timeout, for pub/sub listeners).
+    """
+    read_timeout = settings.redis_timeout if timeout == "default" else timeout
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=read_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+    )
+    return client
+
+
+async def server_run_id(redis: Redis) -> str:
+    """Changes when Redis restarts: whatever it held only in memory may be gone."""
+    info = await redis.info("server")
+    return str(info.get("run_id", ""))
+
+
+async def eviction_policy(redis: Redis) -> str | None:
+    """Redis's maxmemory-policy, or None where CONFIG is not allowed (managed services)."""
+    try:
+        policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+    except ResponseError:
+        return None
+    return policy.decode() if isinstance(policy, bytes) else policy
+
+
+async def stored_shards(redis: Redis, keyspace: Keyspace) -> int | None:
+    """The shard count this deployment recorded on first use (readers must use the same)."""
+    stored = await redis.hget(keyspace.meta(), "shards")
+    return None if stored is None else int(stored)
+
+
+async def check_shards(redis: Redis, keyspace: Keyspace) -> None:
+    """Record the shard count on first use; refuse to write under a different one."""
+    await redis.hsetnx(keyspace.meta(), "shards", keyspace.shards)
+    stored = await redis.hget(keyspace.meta(), "shards")
+    if stored is not None and int(stored) != keyspace.shards:
+        raise ConfigurationError(
+            "MW_SHARDS",
+            f"is {keyspace.shards} but this Redis was set up with {int(stored)}; "
+            "every process of a deployment must use the same count",
+        )
+
+
+async def apply_batches(
+    redis: Redis, keyspace: Keyspace, batches: dict[int, bytes]
+) -> dict[int, Any]:
+    """Send one script call per shard in one round trip; a reply or an exception per shard.
+
+    Raises the connection error if the round trip itself failed (then nothing is known about
+    which batches landed, and the caller re-sends all of them).
+    """
+    results = await _send(redis, keyspace, batches)
+    missing = {s: batches[s] for s, r in results.items() if isinstance(r, NoScriptError)}
+    if missing:  # a restarted or flushed Redis forgot the script: load it once, send again
+        await redis.script_load(APPLY_SCRIPT)
+        results.update(await _send(redis, keyspace, missing))
+    return results
+
+
+async def _send(redis: Redis, keyspace: Keyspace, batches: dict[int, bytes]) -> dict[int, Any]:
+    pipe = redis.pipeline(transaction=False)
+    shards = list(batches)
+    for shard in shards:
+        pipe.evalsha(APPLY_SHA, 1, keyspace.shard_prefix(shard), batches[shard])
+    replies = await pipe.execute(raise_on_error=False)
+    return dict(zip(shards, replies, strict=True))

@@ -1,0 +1,17 @@
+"""An app served by separate uvicorn processes in tests (settings from MW_* variables)."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from meterwall import Meterwall
+
+
+async def echo(request: Request) -> JSONResponse:
+    return JSONResponse({"size": len(await request.body())})
+
+
+app = Meterwall(Starlette(routes=[Route("/echo/{n:int}", echo, methods=["POST"])]))

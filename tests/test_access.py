@@ -1,0 +1,213 @@
+"""Access control: keys, rules, networks and scopes, answers, revocation, failure policy."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from meterwall import Meterwall
+from meterwall.apikeys import KeyStore, new_key, parse_key
+from meterwall.embedded import EmbeddedRedis
+from meterwall.pseudonyms import derive
+from meterwall.reader import RecordReader
+from meterwall.retention import key_parts
+from meterwall.usage import UsageReader
+from tests.test_flusher import ok_app
+
+RULES = "/health=public, POST /items/*=items:write, /admin/{section}/*=admin"
+
+
+async def hello(request: Any) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+api_app = Starlette(routes=[Route("/health", hello), Route("/x", hello),
+                            Route("/items/{n}", hello, methods=["GET", "POST"])])  # fmt: skip
+
+
+def test_keys_carry_a_checksum_and_bad_shapes_are_refused() -> None:
+    key_id, full = new_key()
+    assert parse_key(full) == key_id
+    assert full.startswith(f"mw_live_{key_id}_")
+    typo = full[:-7] + ("a" if full[-7] != "a" else "b") + full[-6:]
+    for bad in [typo, full[:-1], full + "x", "mw_live_zz_abc", "ключ" * 8, "x" * 10_000, ""]:
+        assert parse_key(bad) is None
+
+
+def typo(key: str) -> str:
+    """The key with its last character changed (so its checksum no longer matches)."""
+    return key[:-1] + ("x" if key[-1] != "x" else "y")
+
+
+@pytest.fixture
+def access_settings(settings):
+    return settings.replace(access="keys", access_rules=RULES)
+
+
+async def make_key(redis, settings, **options: Any) -> tuple[Any, str]:
+    assert settings.pseudonym_secret is not None
+    store = KeyStore(
+        redis, settings.keyspace(), derive(settings.pseudonym_secret.reveal(), "api-keys")
+    )
+    return await store.create(options.pop("consumer", "acme"), **options)
+
+
+async def call(app: Meterwall, *requests: tuple[str, str, dict[str, str]]) -> list[httpx.Response]:
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, client=("127.0.0.1", 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return [await client.request(m, path, headers=h) for m, path, h in requests]
+
+
+async def test_every_answer_with_its_headers_and_body(redis, access_settings) -> None:
+    reader_key, reader = await make_key(redis, access_settings, scopes=("items:read",))
+    _, writer = await make_key(redis, access_settings, scopes=("items:write",))
+    _, fenced = await make_key(redis, access_settings, cidrs=("10.0.0.0/8",))
+    _, expired = await make_key(redis, access_settings, expires=1)
+    app = Meterwall(api_app, settings=access_settings)
+    replies = await call(
+        app,
+        ("GET", "/health", {}),
+        ("GET", "/items/1", {}),
+        ("GET", "/items/1", {"Authorization": f"Bearer {reader}"}),
+        ("GET", "/items/1", {"X-API-Key": reader}),
+        ("POST", "/items/1", {"Authorization": f"Bearer {reader}"}),
+        ("POST", "/items/1", {"Authorization": f"Bearer {writer}"}),
+        ("GET", "/items/1", {"Authorization": f"Bearer {fenced}"}),
+        ("GET", "/items/1", {"Authorization": f"Bearer {expired}"}),
+        ("GET", "/items/1", {"Authorization": f"Bearer {typo(reader)}"}),
+        ("GET", "/items/1", {"Authorization": ("Bearer " + "é" * 40).encode()}),
+        ("GET", "/items/1", {"X-API-Key": "k" * 20_000}),
+    )
+    statuses = [r.status_code for r in replies]
+    assert statuses == [200, 401, 200, 200, 403, 200, 403, 401, 401, 401, 401]
+    missing = replies[1]
+    assert missing.headers["www-authenticate"] == 'Bearer realm="api"'
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.json()["type"].endswith("/missing-key")
+    assert [r.json()["detail"] for r in replies[4:10:2]] == ["scope", "network", "malformed"]
+    assert replies[7].json()["detail"] == "expired"
+    rows = await UsageReader(redis, access_settings.keyspace()).totals(
+        "acme",
+        __import__("datetime").datetime.now(__import__("datetime").UTC).strftime("%Y-%m"),
+        ["key_id", "status"],
+    )
+    admitted = [r for r in rows if r["key_id"] == reader_key.id and r["status"] == 200]
+    assert admitted[0]["requests"] == 2
+    assert sum(r["denied"] for r in rows) == 3  # scope, network, expired (all known keys)
+
+
+async def test_the_key_is_never_in_redis_and_records_say_the_decision(
+    redis, access_settings, private_key
+) -> None:
+    _, full = await make_key(redis, access_settings)
+    app = Meterwall(api_app, settings=access_settings)
+    await call(app, ("GET", "/items/9", {"Authorization": f"Bearer {full}"}), ("GET", "/x", {}))
+    secret_part = full.rsplit("_", 1)[1].encode()
+    async for key in redis.scan_iter(match=f"{access_settings.key_prefix}:*"):
+        blob = key + b"".join(value for _, value in await key_parts(redis, key))
+        assert secret_part not in blob
+    records = await RecordReader(redis, access_settings, private_key).records()
+    assert sorted(r["decision"] for r in records) == ["admitted", "missing-key"]
+    admitted = next(r for r in records if r["decision"] == "admitted")
+    assert admitted["consumer"] == "acme"
+    assert "Bearer fp:" in dict(admitted["headers"])["authorization"]
+
+
+async def test_a_revocation_reaches_a_running_worker_within_a_second(
+    redis, access_settings
+) -> None:
+    meta, full = await make_key(redis, access_settings)
+    app = Meterwall(api_app, settings=access_settings)
+    headers = {"Authorization": f"Bearer {full}"}
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            assert (await client.get("/items/1", headers=headers)).status_code == 200  # cached
+            assert app.access is not None
+            app.access.key_event.clear()
+            store = KeyStore(redis, access_settings.keyspace(), app.access._server_key)
+            await asyncio.wait_for(app.access.listening.wait(), timeout=1.0)
+            await store.revoke(meta.id)
+            await asyncio.wait_for(app.access.key_event.wait(), timeout=1.0)
+            reply = await client.get("/items/1", headers=headers)
+            assert (reply.status_code, reply.json()["detail"]) == (401, "revoked")
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_redis_down_follows_the_failure_policy(settings, policy: str) -> None:
+    server = EmbeddedRedis().start()
+    try:
+        own = settings.replace(redis_url=server.url, access="keys", access_rules=RULES,
+                               access_on_redis_error=policy, flush_interval=60)  # fmt: skip
+        client = __import__("redis.asyncio", fromlist=["Redis"]).Redis.from_url(server.url)
+        _, known = await make_key(client, own)
+        _, unknown = await make_key(client, own)
+        await client.aclose()
+        app = Meterwall(ok_app, settings=own)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            assert (await http.get("/items/1", headers={"X-API-Key": known})).status_code == 200
+            server.stop()
+            never = await http.get("/items/1", headers={"X-API-Key": unknown})  # finds it down
+            seen = await http.get("/items/1", headers={"X-API-Key": known})
+        assert never.status_code == 503
+        assert never.headers["retry-after"] == "5"
+        assert never.headers["meterwall-degraded"] == "access-store-unavailable"
+        assert seen.status_code == (200 if policy == "open" else 503)
+        await app.aclose(timeout=0.5)
+    finally:
+        server.stop()
+
+
+async def test_a_websocket_handshake_gets_the_same_decision(access_settings) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    app = Meterwall(ok_app, settings=access_settings)
+    await app({"type": "websocket", "path": "/items/1", "headers": []}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "missing-key"}]
+    await app.aclose()
+
+
+def test_keys_cli_shows_a_key_once_and_lists_only_metadata(settings) -> None:
+    import base64
+
+    from tests.test_cli import meterwall
+
+    assert settings.pseudonym_secret is not None
+    secret = base64.b64encode(settings.pseudonym_secret.reveal()).decode()
+    env = {"MW_REDIS_URL": settings.redis_url, "MW_KEY_PREFIX": settings.key_prefix,
+           "MW_PSEUDONYM_SECRET": secret}  # fmt: skip
+    made = meterwall("keys", "create", "--consumer", "acme", "--scopes", "items:read",
+                     "--expires", "30d", env=env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    full = made.stdout.strip()
+    key_id = parse_key(full)
+    assert key_id is not None
+    listed = meterwall("keys", "list", "--format", "json", env=env)
+    assert full.rsplit("_", 1)[1] not in listed.stdout
+    [row] = __import__("json").loads(listed.stdout)
+    assert (row["id"], row["consumer"], row["scopes"], row["state"]) == (
+        key_id,
+        "acme",
+        "items:read",
+        "valid",
+    )
+    assert meterwall("keys", "revoke", key_id, env=env).returncode == 0
+    again = __import__("json").loads(meterwall("keys", "list", "--format", "json", env=env).stdout)
+    assert again[0]["state"] == "revoked"
+    nobody = meterwall("keys", "revoke", "000000000000", env=env)
+    assert (nobody.returncode, nobody.stderr.count("\n")) == (2, 1)

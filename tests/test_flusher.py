@@ -1,0 +1,227 @@
+"""The flusher against real Redis trouble: lost replies, a stopped server, a full buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import urlparse
+
+import pytest
+import redis.asyncio as aioredis
+
+from meterwall import Meterwall, Settings
+from meterwall.embedded import EmbeddedRedis
+from meterwall.reader import RecordReader
+from meterwall.types import Message, Receive, Scope, Send
+from meterwall.usage import usage_totals
+from tests.helpers import this_hour
+from tests.test_middleware import _discard, body_receive, http_scope
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of Redis that can swallow Redis's replies (requests still land)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.drop_replies = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> ReplyDroppingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [client_w, server_w]
+        for task in (
+            asyncio.create_task(self._pump(client_r, server_w, replies=False)),
+            asyncio.create_task(self._pump(server_r, client_w, replies=True)),
+        ):
+            self._tasks.add(task)
+
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await src.read(65536):
+                if replies and self.drop_replies:
+                    continue
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def requests_in_redis(redis: aioredis.Redis, settings: Settings) -> int:
+    return sum(r.requests for r in await usage_totals(redis, settings.keyspace(), *this_hour()))
+
+
+async def test_a_flush_retried_after_a_lost_reply_is_not_counted_twice(
+    redis, settings, private_key
+) -> None:
+    port = urlparse(settings.redis_url).port
+    assert port is not None
+    async with ReplyDroppingProxy(port) as proxy:
+        proxied = settings.replace(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            redis_timeout=0.3,
+            flush_interval=60,
+            counter_flush_interval=0,  # counters go with every flush, so this one carries them
+        )
+        mw = Meterwall(ok_app, settings=proxied)
+        await mw(http_scope(), body_receive(), _discard)
+        assert await mw.flusher.flush_once() is True  # epoch key and shard count settled
+        for _ in range(10):
+            await mw(http_scope(), body_receive(), _discard)
+        proxy.drop_replies = True
+        assert await mw.flusher.flush_once() is False  # the reply never came: a timeout
+        assert "Timeout" in (mw.flusher.last_error or "")
+        assert await requests_in_redis(redis, settings) == 11  # ...but the batch did land
+        proxy.drop_replies = False
+        assert await mw.aclose() is True  # re-sends the same batch: "duplicate", a success
+    assert await requests_in_redis(redis, settings) == 11
+    assert len(await RecordReader(redis, settings, private_key).records()) == 11
+
+
+@pytest.mark.slow
+async def test_requests_are_served_while_redis_is_down_and_counts_arrive_after(
+    settings, private_key
+) -> None:
+    server = EmbeddedRedis().start()
+    try:
+        own = settings.replace(redis_url=server.url, redis_timeout=0.5, flush_interval=60)
+        mw = Meterwall(ok_app, settings=own)
+        await mw(http_scope(), body_receive(), _discard)
+        assert await mw.flusher.flush_once() is True
+        await asyncio.to_thread(server.stop)
+
+        statuses: list[int] = []
+
+        async def record_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        for _ in range(20):
+            await mw(http_scope("/during-outage"), body_receive(b"x"), record_status)
+        assert statuses == [200] * 20
+        assert await mw.flusher.flush_once() is False
+        assert mw.health()["state"] == "degraded"
+        assert mw.health()["queued_records"] == 20  # sealed, waiting in the bounded buffer
+
+        restarted = EmbeddedRedis(port=server.port)
+        await asyncio.to_thread(restarted.start)  # an empty server: persistence is off
+        try:
+            assert await mw.aclose() is True
+            client = aioredis.Redis.from_url(restarted.url)
+            try:
+                assert await requests_in_redis(client, own) == 20
+                records = await RecordReader(client, own, private_key).records()
+                assert {r["path"] for r in records} == {"/during-outage"}
+                assert len(records) == 20
+                # the pseudonym key made while Redis was away was published with the records
+                assert len(await client.keys(f"{own.key_prefix}:epk:*")) == 1
+            finally:
+                await client.aclose()
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()
+
+
+async def test_a_full_buffer_drops_the_oldest_records_and_counts_the_drop(
+    redis, settings, private_key
+) -> None:
+    settings = settings.replace(buffer_bytes=64 * 1024, body_limit=8 * 1024, flush_interval=60)
+    mw = Meterwall(ok_app, settings=settings)
+    for n in range(30):
+        await mw(http_scope(f"/r{n}"), body_receive(b"y" * 8000), _discard)
+    dropped = mw.flusher.inbox.dropped
+    assert dropped > 0
+    assert await mw.aclose() is True
+    records = await RecordReader(redis, settings, private_key).records()
+    assert len(records) == 30 - dropped
+    assert min(int(r["path"][2:]) for r in records) == dropped  # the oldest went first
+    assert await requests_in_redis(redis, settings) == 30  # counters are never dropped
+    stats = await redis.hgetall(settings.keyspace().stats(0))
+    assert int(stats[b"records_dropped"]) == dropped
+
+
+@pytest.mark.slow
+async def test_a_transient_redis_error_keeps_the_batch_until_redis_accepts_it(
+    settings, private_key
+) -> None:
+    server = EmbeddedRedis(extra_args=["--maxmemory", "1", "--maxmemory-policy", "noeviction"])
+    server.start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        own = settings.replace(redis_url=server.url, flush_interval=60)
+        mw = Meterwall(ok_app, settings=own)
+        for _ in range(5):
+            await mw(http_scope(), body_receive(), _discard)
+        assert await mw.flusher.flush_once() is False  # OOM: transient, not a bad batch
+        assert "OutOfMemoryError" in (mw.flusher.last_error or "")
+        assert mw.health()["batches_refused"] == 0
+        await client.config_set("maxmemory", 0)
+        assert await mw.aclose() is True
+        assert await requests_in_redis(client, own) == 5
+        assert len(await RecordReader(client, own, private_key).records()) == 5
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def test_a_forked_child_gets_a_new_writer_and_data_key(settings) -> None:
+    mw = Meterwall(ok_app, settings=settings)
+    flusher = mw.flusher
+    parent_writer, parent_key = flusher.writer, flusher.sealer.data_key(1)
+    flusher.after_fork()  # what os.register_at_fork runs in the child
+    assert flusher.writer != parent_writer
+    assert flusher.sealer.data_key(1).key_id != parent_key.key_id  # no shared nonce space
+
+
+@pytest.mark.slow
+async def test_counts_are_exact_when_redis_restarts_with_aof_during_traffic(
+    settings, tmp_path
+) -> None:
+    aof = ["--appendonly", "yes", "--appendfsync", "everysec"]
+    server = EmbeddedRedis(extra_args=aof, data_dir=str(tmp_path)).start()
+    own = settings.replace(redis_url=server.url, redis_timeout=0.5, flush_interval=60)
+    mw = Meterwall(ok_app, settings=own)
+    try:
+        for _ in range(30):
+            await mw(http_scope(), body_receive(), _discard)
+        assert await mw.flusher.flush_once() is True
+        await asyncio.to_thread(server.stop)  # SHUTDOWN: the AOF holds everything acknowledged
+        for _ in range(20):  # served while Redis is down
+            await mw(http_scope(), body_receive(), _discard)
+        assert await mw.flusher.flush_once() is False
+        server = EmbeddedRedis(port=server.port, extra_args=aof, data_dir=str(tmp_path))
+        await asyncio.to_thread(server.start)
+        for _ in range(10):
+            await mw(http_scope(), body_receive(), _discard)
+        assert await mw.aclose() is True
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            assert await requests_in_redis(client, own) == 60
+        finally:
+            await client.aclose()
+    finally:
+        server.stop()

@@ -1,0 +1,256 @@
+"""The middleware at ASGI message level, with FastAPI, and behind a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from meterwall import Meterwall
+from meterwall.reader import RecordReader
+from meterwall.types import Message, Receive, Scope, Send
+from meterwall.usage import usage_totals
+from tests.helpers import this_hour
+
+
+def http_scope(path: str = "/", **extra: Any) -> dict[str, Any]:
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"api.test")], "client": ("192.0.2.1", 1234),
+        "server": ("api.test", 80),
+    }  # fmt: skip
+    scope.update(extra)
+    return scope
+
+
+def body_receive(*chunks: bytes) -> Receive:
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks or (b"",))
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return receive
+
+
+async def test_streaming_response_is_forwarded_chunk_by_chunk(settings) -> None:
+    released = asyncio.Event()
+    seen: list[Message] = []
+    first_chunk_seen = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"one", "more_body": True})
+        await released.wait()  # the app is still streaming
+        await send({"type": "http.response.body", "body": b"two", "more_body": False})
+
+    async def send(message: Message) -> None:
+        seen.append(message)
+        if message.get("body") == b"one":
+            first_chunk_seen.set()
+
+    mw = Meterwall(app, settings=settings)
+    call = asyncio.create_task(mw(http_scope(), body_receive(), send))
+    await first_chunk_seen.wait()
+    assert [m.get("body") for m in seen] == [None, b"one"]  # arrived before the app finished
+    released.set()
+    await call
+    assert [m.get("body") for m in seen] == [None, b"one", b"two"]
+    await mw.aclose()
+
+
+async def test_websocket_and_unknown_scopes_pass_through_untouched(settings) -> None:
+    calls: list[tuple[Scope, Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append((scope, receive, send))
+
+    async def receive() -> Message:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Message) -> None:
+        return None
+
+    mw = Meterwall(app, settings=settings)
+    scope = {"type": "websocket", "path": "/ws", "headers": []}
+    await mw(scope, receive, send)
+    assert calls == [(scope, receive, send)]
+    assert len(mw.flusher.meter) == 0
+
+
+async def test_lifespan_messages_pass_unchanged_and_shutdown_flushes(
+    redis, settings, private_key
+) -> None:
+    received: list[Message] = []
+    sent: list[Message] = []
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            for reply in ("lifespan.startup.complete", "lifespan.shutdown.complete"):
+                received.append(await receive())
+                if reply.endswith("shutdown.complete"):
+                    # a request made before shutdown must be in Redis once shutdown completes
+                    await mw(http_scope("/x"), body_receive(), _discard)
+                await send({"type": reply})
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    mw = Meterwall(app, settings=settings)
+    await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert received == [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    [record] = await RecordReader(redis, settings, private_key).records()
+    assert (record["status"], record["client"]["ip"]) == (204, "192.0.2.1")
+
+
+async def _discard(message: Message) -> None:
+    return None
+
+
+async def test_malformed_requests_never_raise_into_the_app(redis, settings, private_key) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    settings = settings.replace(consumer_header="X-Consumer")
+    mw = Meterwall(app, settings=settings)
+    weird_headers = [
+        (b"x-forwarded-for", b"\xff\xfe, not-an-ip, 999.1.1.1"),
+        (b"forwarded", b'for="[::1'),
+        (b"x-consumer", b"\x00\x01bad"),
+        (b"content-type", b"application/json"),
+        (b"authorization", b""),
+        (b"cookie", b";;==;"),
+    ]
+    scopes = [
+        http_scope(client=None),
+        http_scope(client=("not an address", 0), headers=weird_headers),
+        http_scope(headers=weird_headers, query_string=b"%zz=%%&password&&=="),
+        http_scope(server=None, method="BREW"),
+    ]
+    for scope in scopes:
+        await mw(scope, body_receive(b'{"password": "x", "trunc'), _discard)
+    await mw.aclose()
+    records = await RecordReader(redis, settings, private_key).records()
+    assert len(records) == 4
+    assert records[0]["client"] == {"ip": None, "pseudonym": None}
+    assert records[1]["client"]["pseudonym"] == "invalid"
+    assert all(r["body"]["kind"] == "digest" for r in records)  # unparseable JSON
+    assert records[1]["consumer"] is None
+
+
+async def test_error_after_response_start_keeps_status_and_flags_error(
+    redis, settings, private_key
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise ConnectionResetError("stream broke")
+
+    mw = Meterwall(app, settings=settings)
+    with pytest.raises(ConnectionResetError):
+        await mw(http_scope(), body_receive(), _discard)
+    await mw.aclose()
+    [record] = await RecordReader(redis, settings, private_key).records()
+    assert (record["status"], record["error"], record["bytes_out"]) == (200, True, 7)
+
+
+async def test_client_disconnect_is_recorded(redis, settings, private_key) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    mw = Meterwall(app, settings=settings)
+    await mw(http_scope(), body_receive(b"abc"), _discard)
+    await mw.aclose()
+    [record] = await RecordReader(redis, settings, private_key).records()
+    assert (record["disconnected"], record["status"], record["ttfb_ms"]) == (True, 0, None)
+    rows = await usage_totals(redis, settings.keyspace(), *this_hour())
+    assert [(r.status, r.requests) for r in rows] == [(499, 1)]
+
+
+async def test_fastapi_with_add_middleware_records_route_templates(
+    redis, settings, private_key
+) -> None:
+    api = FastAPI()
+
+    @api.get("/users/{user_id}")
+    async def user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    api.add_middleware(Meterwall, settings=settings)
+    async with LifespanManager(api) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/users/7")).json() == {"id": 7}
+            assert (await client.get("/users/x")).status_code == 422
+    records = await RecordReader(redis, settings, private_key).records()
+    assert sorted((r["route"], r["status"]) for r in records) == [
+        ("/users/{user_id}", 200),
+        ("/users/{user_id}", 422),
+    ]
+
+
+async def test_through_a_real_uvicorn_server(redis, settings, private_key) -> None:
+    async def hello(request: Any) -> JSONResponse:
+        return JSONResponse({"hello": "world"})
+
+    app = Meterwall(Starlette(routes=[Route("/hello", hello)]), settings=settings)
+    listener = socket.create_server(("127.0.0.1", 0))  # listening now: clients may connect
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        replies = await asyncio.gather(*(client.get("/hello") for _ in range(25)))
+    assert {r.status_code for r in replies} == {200}
+    server.should_exit = True
+    await serving  # lifespan shutdown flushes
+    listener.close()
+    records = await RecordReader(redis, settings, private_key).records()
+    assert len(records) == 25
+    assert {r["route"] for r in records} == {"/hello"}
+    assert {r["client"]["ip"] for r in records} == {"127.0.0.1"}
+
+
+async def test_mounts_with_path_parameters_never_put_raw_path_text_in_counters(
+    redis, settings
+) -> None:
+    async def item(request: Any) -> JSONResponse:
+        return JSONResponse({})
+
+    from starlette.routing import Mount
+
+    inner = [Route("/items/{item_id}", item)]
+    app = Starlette(routes=[Mount("/t/{tenant}", routes=[Mount("/v1", routes=inner)])])
+    mw = Meterwall(app, settings=settings)
+    async with LifespanManager(mw) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/t/acme-secret/v1/items/9")).status_code == 200
+            assert (await client.request("BREW", "/t/x/v1/items/1")).status_code == 405
+    rows = await usage_totals(redis, settings.keyspace(), *this_hour())
+    assert sorted((r.route, r.method) for r in rows) == [
+        ("/t/{tenant}/v1/items/{item_id}", "GET"),
+        ("/t/{tenant}/v1/items/{item_id}", "OTHER"),
+    ]

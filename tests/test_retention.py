@@ -1,0 +1,190 @@
+"""The 24-hour promise: readers, the flush script, real Redis expiry, audit and purge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from meterwall import FixedClock, Meterwall, RetentionExceeded
+from meterwall.embedded import EmbeddedRedis
+from meterwall.reader import RecordReader
+from meterwall.retention import Auditor, plaintext_findings, purge
+from tests.helpers import this_hour
+from tests.test_flusher import ok_app, requests_in_redis
+from tests.test_middleware import _discard, body_receive, http_scope
+
+DAY = 86400
+NS = 1_000_000_000
+
+
+async def serve(mw: Meterwall, n: int = 1, path: str = "/") -> None:
+    for _ in range(n):
+        await mw(http_scope(path), body_receive(), _discard)
+
+
+async def test_records_past_the_ceiling_are_unreadable(redis, settings, private_key) -> None:
+    clock = FixedClock(time.time_ns())
+    made_at = clock.now_ns()
+    mw = Meterwall(ok_app, settings=settings, clock=clock)
+    await serve(mw, 3)
+    await mw.aclose()
+    assert len(await RecordReader(redis, settings, private_key, clock=clock).records()) == 3
+    clock.advance(DAY + 1)  # one second past the ceiling; Redis itself has not expired them yet
+    later = RecordReader(redis, settings, private_key, clock=clock)
+    assert await later.records() == []
+    with pytest.raises(RetentionExceeded):
+        await later.records(since_ns=made_at)
+
+
+async def test_the_flush_script_refuses_records_already_past_the_ceiling(
+    redis, settings, private_key
+) -> None:
+    clock = FixedClock(time.time_ns() - (DAY + 600) * NS)  # captured 24 h 10 min ago
+    mw = Meterwall(ok_app, settings=settings, clock=clock)
+    await serve(mw, 4)
+    await mw.flusher._seal_inbox(None)  # sealed then, flushed only now:
+    clock.set(time.time_ns())
+    assert await mw.aclose() is True
+    assert await RecordReader(redis, settings, private_key).count() == 0
+    stats = await redis.hgetall(settings.keyspace().stats(0))
+    assert int(stats[b"records_expired_before_store"]) == 4
+
+
+async def test_every_flush_trims_slices_past_the_ceiling(redis, settings) -> None:
+    keyspace = settings.keyspace()
+    old_slice = keyspace.slice_start(int(time.time()) - DAY - 600)
+    old_key, old_index = keyspace.records(0, old_slice), keyspace.index(0, old_slice)
+    await redis.xadd(old_key, {"n": 1, "r": b"x"})  # as if an expiry had been missed
+    await redis.zadd(old_index, {b"member": 0})
+    await redis.zadd(keyspace.slices(0), {str(old_slice): old_slice})
+    mw = Meterwall(ok_app, settings=settings)
+    await serve(mw, 1)
+    await mw.aclose()
+    assert await redis.exists(old_key, old_index) == 0  # trimmed by the next flush
+    assert await redis.zscore(keyspace.slices(0), str(old_slice)) is None
+
+
+async def test_a_writer_whose_clock_runs_fast_cannot_extend_retention(redis, settings) -> None:
+    ahead = FixedClock(time.time_ns() + 7200 * NS)  # two hours fast
+    mw = Meterwall(ok_app, settings=settings, clock=ahead)
+    await serve(mw, 2)
+    await mw.aclose()
+    keyspace = settings.keyspace()
+    [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
+    ttl = await redis.ttl(keyspace.records(0, int(slice_name)))
+    assert 0 < ttl <= DAY  # Redis's own clock decides, not the writer's
+
+
+async def test_index_keys_expire_even_when_a_slice_starts_without_identifiers(
+    redis, settings
+) -> None:
+    mw = Meterwall(ok_app, settings=settings)
+    await mw(http_scope(client=None), body_receive(), _discard)  # nothing to index
+    await mw(http_scope(), body_receive(), _discard)  # an IP to index
+    await mw.aclose()
+    keyspace = settings.keyspace()
+    [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
+    assert 0 < await redis.ttl(keyspace.index(0, int(slice_name))) <= DAY
+
+
+@pytest.mark.slow
+async def test_records_really_expire_in_redis(redis, settings, private_key) -> None:
+    settings = settings.replace(raw_retention=3)
+    await redis.config_set("notify-keyspace-events", "Ex")
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("__keyevent@0__:expired")
+    try:
+        mw = Meterwall(ok_app, settings=settings)
+        await serve(mw, 2)
+        await mw.aclose()
+        keyspace = settings.keyspace()
+        [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
+        record_key = keyspace.records(0, int(slice_name)).encode()
+        assert 0 < await redis.ttl(record_key) <= 3
+        assert await RecordReader(redis, settings, private_key).count() == 2
+
+        async def expired() -> None:
+            async for message in pubsub.listen():
+                if message["type"] == "message" and message["data"] == record_key:
+                    return
+
+        await asyncio.wait_for(expired(), timeout=15)  # the event Redis emits on real expiry
+        assert await redis.exists(record_key) == 0
+        assert await RecordReader(redis, settings, private_key).count() == 0
+        assert await requests_in_redis(redis, settings) == 2  # counts outlive the records
+    finally:
+        await pubsub.aclose()
+
+
+async def test_audit_passes_on_clean_traffic_and_names_each_failure(redis, settings) -> None:
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"))
+    await serve(mw, 5, "/login")
+    await mw.aclose()
+    keyspace = settings.keyspace()
+    checks = await Auditor(redis, keyspace).run()
+    assert [(c.name, c.ok) for c in checks] == [
+        ("expiry", True), ("age", True), ("plaintext", True), ("persistence", True),
+        ("eviction", True),
+    ]  # fmt: skip
+
+    await redis.xadd(keyspace.records(3, 1000), {"r": b"not sealed"})  # no expiry
+    bucket = this_hour()[0] // 900 * 900
+    await redis.hset(keyspace.counters_15m(2, bucket), "acme\x1f/from/203.0.113.9\x1fGET", 1)
+    await redis.set(keyspace.stats(5), "Authorization: Bearer abcdefgh12345678")
+    await redis.set(keyspace.data_key(4, b"\x01" * 8), b"wrapped")  # a data key kept forever
+    checks = {c.name: c for c in await Auditor(redis, keyspace).run()}
+    assert not checks["expiry"].ok
+    assert "has no expiry" in checks["expiry"].problems[0]
+    assert any(":dk:0101010101010101 has no expiry" in p for p in checks["expiry"].problems)
+    assert not checks["age"].ok
+    assert not checks["plaintext"].ok
+    found = " ".join(checks["plaintext"].problems)
+    assert "IPv4 address 203.0.113.9" in found
+    assert "credential" in found
+
+
+async def test_audit_sees_records_under_a_prefix_with_colons(redis, settings) -> None:
+    settings = settings.replace(key_prefix=f"app:{settings.key_prefix}")
+    mw = Meterwall(ok_app, settings=settings)
+    await serve(mw, 1)
+    await mw.aclose()
+    keyspace = settings.keyspace()
+    [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
+    await redis.persist(keyspace.records(0, int(slice_name)))
+    checks = {c.name: c for c in await Auditor(redis, keyspace).run()}
+    assert not checks["expiry"].ok
+
+
+def test_plaintext_findings_validate_what_they_report() -> None:
+    assert plaintext_findings("1700000000000-0 12:30:45 v1.2.3 /items/{id}") == []
+    assert plaintext_findings("999.1.1.1") == []
+    assert plaintext_findings("from 2001:db8::1 via 10.0.0.1") == [
+        "IPv4 address 10.0.0.1",
+        "IPv6 address 2001:db8::1",
+    ]
+    assert plaintext_findings('{"password": "***"}') == []
+    assert plaintext_findings('{"password": "hunter2"}') != []
+
+
+@pytest.mark.slow
+async def test_persistence_check_fails_with_aof_until_purge_requests_a_rewrite(
+    settings,
+) -> None:
+    server = EmbeddedRedis(extra_args=["--appendonly", "yes"]).start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        keyspace = settings.keyspace()
+        auditor = Auditor(client, keyspace)
+        before = await auditor.persistence(int(time.time()))
+        assert not before.ok
+        assert "AOF" in before.detail
+        result = await purge(client, keyspace, DAY)
+        assert result["rewrites_requested"] == 1
+        after = await auditor.persistence(int(time.time()))
+        assert after.ok, after.detail
+    finally:
+        await client.aclose()
+        server.stop()

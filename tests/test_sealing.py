@@ -1,0 +1,79 @@
+"""Sealing: only the private key opens a record, and any change makes it fail the same way."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from meterwall import ConfigurationError, InvalidRecord
+from meterwall.sealing import (
+    HOUR_NS,
+    RecordOpener,
+    RecordSealer,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    read_envelope,
+)
+
+NOW = 1_795_000_000 * 1_000_000_000
+
+
+def sealer_and_opener() -> tuple[RecordSealer, RecordOpener]:
+    pem, public = generate_keypair()
+    return RecordSealer(load_public_key(public)), RecordOpener(load_private_key(pem))
+
+
+def test_a_record_opens_with_the_private_key_and_binds_its_header() -> None:
+    sealer, opener = sealer_and_opener()
+    record_id = os.urandom(16)
+    blob, key = sealer.seal(b'{"a": 1}', NOW, record_id)
+    assert opener.open(blob, key.wrapped) == b'{"a": 1}'
+    envelope = read_envelope(blob)
+    assert (envelope.time_ns, envelope.record_id, envelope.key_id) == (NOW, record_id, key.key_id)
+    assert b'"a"' not in blob
+
+
+@pytest.mark.parametrize("position", [0, 5, 12, 20, 40, 60, -1])
+def test_any_flipped_bit_fails_with_invalid_record(position: int) -> None:
+    sealer, opener = sealer_and_opener()
+    blob, key = sealer.seal(b"secret payload " * 3, NOW, os.urandom(16))
+    tampered = bytearray(blob)
+    tampered[position] ^= 0x01
+    with pytest.raises(InvalidRecord):
+        opener.open(bytes(tampered), key.wrapped)
+
+
+def test_a_wrong_private_key_or_a_tampered_wrapped_key_fails() -> None:
+    sealer, _ = sealer_and_opener()
+    _, stranger = sealer_and_opener()
+    blob, key = sealer.seal(b"x", NOW, os.urandom(16))
+    with pytest.raises(InvalidRecord):
+        stranger.open(blob, key.wrapped)
+    _, opener = sealer_and_opener()
+    wrapped = bytearray(key.wrapped)
+    wrapped[-1] ^= 1
+    with pytest.raises(InvalidRecord):
+        opener.open(blob, bytes(wrapped))
+    with pytest.raises(InvalidRecord):
+        opener.open(b"\x01short", key.wrapped)
+
+
+def test_one_data_key_per_hour_and_the_old_one_is_forgotten() -> None:
+    sealer, _ = sealer_and_opener()
+    _, first = sealer.seal(b"x", NOW, os.urandom(16))
+    _, same = sealer.seal(b"y", NOW + 1, os.urandom(16))
+    _, next_hour = sealer.seal(b"z", NOW + HOUR_NS, os.urandom(16))
+    assert first is same
+    assert next_hour.key_id != first.key_id
+    assert sealer.data_key(NOW // HOUR_NS) is not first  # a new key, never the old one again
+
+
+def test_key_loading_errors_name_the_setting() -> None:
+    with pytest.raises(ConfigurationError, match="MW_RECORD_PUBLIC_KEY: must be a 32-byte"):
+        load_public_key("c2hvcnQ")
+    with pytest.raises(ConfigurationError, match="MW_RECORD_PUBLIC_KEY: is not valid base64"):
+        load_public_key("***")
+    with pytest.raises(ConfigurationError, match="MW_RECORD_PRIVATE_KEY_FILE"):
+        load_private_key(b"-----BEGIN NOTHING-----")

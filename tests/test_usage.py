@@ -1,0 +1,213 @@
+"""The usage ledger: local days and months, units, latency percentiles, unique clients, reads."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from meterwall import ConfigurationError, FixedClock, Meterwall
+from meterwall.consumers import ConsumerRegistry
+from meterwall.periods import adjustments, close_period
+from meterwall.usage import UsageReader
+from tests.test_cli import meterwall
+from tests.test_flusher import ok_app
+from tests.test_middleware import _discard, body_receive, http_scope
+
+
+def at(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1e9)
+
+
+async def send_at(mw: Meterwall, clock: FixedClock, when: str, consumer: str, **scope) -> None:
+    clock.set(at(when))
+    headers = [(b"x-consumer", consumer.encode())]
+    await mw(http_scope(headers=headers, **scope), body_receive(), _discard)
+
+
+@pytest.mark.parametrize(
+    ("zone", "midnight_utc"),
+    [("UTC", "2026-10-31T23:59:59"), ("Asia/Kolkata", "2026-10-31T18:29:59"),
+     ("Asia/Kathmandu", "2026-10-31T18:14:59")],
+)  # fmt: skip
+async def test_days_and_months_follow_the_consumers_billing_zone(
+    redis, settings, zone: str, midnight_utc: str
+) -> None:
+    keyspace = settings.keyspace()
+    await ConsumerRegistry(redis, keyspace).set("acme", tz=zone)
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"), clock=clock)
+    before = midnight_utc  # the last second of October 31st in the zone
+    after = midnight_utc[:-2] + "59.999"  # still October (sub-second)
+    await send_at(mw, clock, before, "acme")
+    await send_at(mw, clock, after, "acme")
+    clock.set(at(midnight_utc) + 1_000_000_000)  # November 1st, 00:00:00 local
+    await mw(http_scope(headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    await mw.aclose()
+    reader = UsageReader(redis, keyspace)
+    [october] = await reader.totals("acme", "2026-10")
+    [november] = await reader.totals("acme", "2026-11")
+    assert (october["requests"], november["requests"]) == (2, 1)
+    assert [r["requests"] for r in await reader.series("acme", "2026-10")][-1] == 2
+    [first_day] = await reader.totals("acme", "2026-11-01")
+    assert first_day["requests"] == 1
+
+
+async def test_units_follow_route_weights_and_5xx_carry_none(redis, settings) -> None:
+    async def app(scope, receive, send) -> None:
+        await receive()
+        status = 503 if scope["path"] == "/fail" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 10})
+
+    settings = settings.replace(consumer_header="X-Consumer", route_weights={"<unmatched>": 3})
+    mw = Meterwall(app, settings=settings)
+    headers = [(b"x-consumer", b"globex")]
+    for path in ["/a", "/b", "/fail"]:
+        await mw(http_scope(path, headers=headers), body_receive(b"abc"), _discard)
+    await mw.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    rows = await UsageReader(redis, settings.keyspace()).totals("globex", month, ["status"])
+    assert [
+        (r["status"], r["requests"], r["units"], r["bytes_in"], r["bytes_out"]) for r in rows
+    ] == [
+        (200, 2, 6, 6, 20),
+        (503, 1, 0, 3, 10),
+    ]
+    assert all(r["p50_ms"] is not None and r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+async def test_unique_clients_per_day_count_addresses_not_requests(redis, settings) -> None:
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"))
+    headers = [(b"x-consumer", b"initech")]
+    for n in range(12):
+        client = (f"198.51.100.{n % 3}", 1000 + n)
+        await mw(http_scope(headers=headers, client=client), body_receive(), _discard)
+    await mw.aclose()
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert await UsageReader(redis, settings.keyspace()).unique_clients("initech", day) == 3
+
+
+async def test_a_zone_change_waits_for_the_next_month(redis, key_prefix, settings) -> None:
+    registry = ConsumerRegistry(redis, settings.keyspace())
+    await registry.set("acme", name="Acme", tz="UTC")
+    now = int(datetime(2026, 11, 23, tzinfo=UTC).timestamp())
+    changed = await registry.set("acme", tz="Asia/Kolkata", now_s=now)
+    assert changed.tz_at(now) == "UTC"
+    assert changed.tz_at(int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())) == "Asia/Kolkata"
+    with pytest.raises(ConfigurationError, match="tz: unknown time zone"):
+        await registry.set("acme", tz="Mars/Olympus")
+
+
+async def test_the_cli_reads_the_same_numbers_as_python(redis, settings) -> None:
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"))
+    for path in ["/a", "/a", "/b"]:
+        await mw(http_scope(path, headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    await mw.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    env = {"MW_REDIS_URL": settings.redis_url, "MW_KEY_PREFIX": settings.key_prefix}
+    done = meterwall("usage", "--consumer", "acme", "--period", month, "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    python = await UsageReader(redis, settings.keyspace()).totals("acme", month, ["route"])
+    assert json.loads(done.stdout) == python
+    assert [r["requests"] for r in python] == [3]  # an ASGI app without routes: <unmatched>
+    csv = meterwall("usage", "--top", "5", "--period", month, "--format", "csv", env=env)
+    assert csv.stdout.splitlines()[0].startswith("consumer,requests,units")
+    assert csv.stdout.splitlines()[1].startswith("acme,3,3")
+    bad = meterwall("usage", "--consumer", "acme", "--period", "November", env=env)
+    assert bad.returncode == 2
+    assert (
+        bad.stderr == "meterwall: error: period: expected YYYY-MM or YYYY-MM-DD, got 'November'\n"
+    )
+    made = meterwall("consumers", "set", "acme", "--name", "Acme Corp", "--tz", "Asia/Kathmandu",
+                     env=env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    listed = meterwall("consumers", "list", "--format", "json", env=env)
+    assert json.loads(listed.stdout)[0]["tz"] == "Asia/Kathmandu"
+    closing = meterwall("usage", "close", "--period", month, env=env)
+    assert closing.returncode == 0, closing.stderr
+    assert "not yet closable" in closing.stdout  # this month has not ended anywhere
+    late = meterwall("usage", "adjustments", "--period", month, "--format", "json", env=env)
+    assert json.loads(late.stdout) == []
+
+
+async def test_closing_a_month_freezes_it_and_late_deltas_become_adjustments(
+    redis, settings
+) -> None:
+    keyspace = settings.keyspace()
+    registry = ConsumerRegistry(redis, keyspace)
+    await registry.set("acme", tz="UTC")
+    await registry.set("tata", tz="Asia/Kolkata")
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"), clock=clock)
+    for consumer in ("acme", "tata", "tata"):
+        await send_at(mw, clock, "2026-10-20T12:00:00", consumer)
+    await mw.flusher.flush()
+
+    now = int(datetime(2026, 11, 1, 0, 30, tzinfo=UTC).timestamp())
+    report = await close_period(redis, keyspace, "2026-10", grace_s=7200, now_s=now)
+    assert report.closed == ["tata"]  # its October ended at 18:30 UTC, 6 hours ago
+    assert [c for c, _ in report.not_yet] == ["acme"]  # UTC: closable from 02:00
+    again = await close_period(redis, keyspace, "2026-10", grace_s=7200, now_s=now)
+    assert again.already_closed == ["tata"]
+
+    await send_at(mw, clock, "2026-10-21T09:00:00", "tata")  # a late request for October
+    await mw.aclose()
+    reader = UsageReader(redis, keyspace)
+    [frozen] = await reader.totals("tata", "2026-10")
+    assert frozen["requests"] == 2  # the snapshot, not merged silently
+    assert sum(r["requests"] for r in await reader.series("tata", "2026-10")) == 2
+    late = await adjustments(redis, keyspace, "2026-10")
+    assert sum(v for k, v in late["tata"].items() if k.endswith("requests")) == 1
+    [open_month] = await reader.totals("acme", "2026-10")
+    assert open_month["requests"] == 1
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "Asia/Kolkata", "Asia/Kathmandu"])
+async def test_another_zone_is_served_from_utc_buckets_or_refused(
+    redis, settings, zone_name: str
+) -> None:
+    from zoneinfo import ZoneInfo
+
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"))
+    for _ in range(4):
+        await mw(http_scope(headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    await mw(http_scope(headers=[(b"x-consumer", b"other")]), body_receive(), _discard)
+    await mw.aclose()
+    today_there = datetime.now(ZoneInfo(zone_name)).strftime("%Y-%m-%d")
+    reader = UsageReader(redis, settings.keyspace())
+    [row] = await reader.totals_in_zone("acme", today_there, zone_name, ["route"])
+    assert row["requests"] == 4
+    with pytest.raises(ConfigurationError, match=r"^tz: "):
+        await reader.totals_in_zone("acme", "2020-01", zone_name)
+
+
+async def test_late_requests_are_applied_and_counted_as_late(redis, settings) -> None:
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=settings.replace(lateness=3600), clock=clock)
+    await send_at(mw, clock, "2026-11-22T09:00:00", "")  # flushed a day or more later
+    clock.set(time.time_ns())
+    await mw(http_scope(), body_receive(), _discard)  # this one is on time
+    await mw.aclose()
+    stats = await redis.hgetall(settings.keyspace().stats(0))
+    assert int(stats[b"late_requests"]) == 1
+
+
+async def test_each_granularity_expires_after_its_own_retention(redis, settings) -> None:
+    settings = settings.replace(
+        consumer_header="X-Consumer", retention_15m=7200, retention_day=40 * 86400
+    )
+    mw = Meterwall(ok_app, settings=settings)
+    await mw(http_scope(headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    await mw.aclose()
+    keyspace = settings.keyspace()
+    now = time.time()
+    bucket = int(now) - int(now) % 900
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    ttl_15m = await redis.ttl(keyspace.counters_15m(keyspace.shard_of("acme"), bucket))
+    ttl_day = await redis.ttl(keyspace.counters_day("acme", day))
+    assert 7200 - 900 <= ttl_15m <= 7200
+    assert 40 * 86400 - 900 <= ttl_day <= 40 * 86400
+    assert abs(await redis.ttl(keyspace.uniques("acme", day)) - 40 * 86400) <= 5
