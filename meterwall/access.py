@@ -21,12 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
 from .apikeys import ApiKey, KeyStore
 from .errors import ConfigurationError
 from .keyspace import Keyspace
+from .limits import Limiter
 from .types import Scope, Send
 
 log = logging.getLogger("meterwall")
@@ -82,9 +84,13 @@ class Decision:
     reason: str = ""
     key: ApiKey | None = None
     degraded: bool = False
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # RateLimit headers, on every answer
+    retry_after: int = 0
+    cost: int = 0  # quota tokens spent (given back when the answer is not billable)
 
 
 ADMIT = Decision()
+DEGRADED = ((b"meterwall-degraded", b"access-store-unavailable"),)
 
 
 class AccessControl:
@@ -93,7 +99,8 @@ class AccessControl:
     def __init__(
         self, keyspace: Keyspace, server_key: bytes, rules: Sequence[Rule], *,
         header: str = "x-api-key", allow: Sequence[Any] = (), deny: Sequence[Any] = (),
-        on_redis_error: str = "open", timeout: float = 0.5,
+        on_redis_error: str = "open", timeout: float = 0.5, limiter: Limiter | None = None,
+        query_parameter: str = "",
     ) -> None:  # fmt: skip
         self._keyspace = keyspace
         self._server_key = server_key
@@ -102,6 +109,10 @@ class AccessControl:
         self._allow, self._deny = tuple(allow), tuple(deny)
         self._on_error = on_redis_error
         self._timeout = timeout
+        self.limiter = limiter if limiter is not None and limiter.active else None
+        self._query = query_parameter
+        self._used: dict[str, int] = {}  # key id -> minute of its last 'last used' write
+        self._background: set[asyncio.Task[Any]] = set()
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._redis: Any = None
         self._listener_client: Any = None
@@ -115,6 +126,8 @@ class AccessControl:
     def bind(self, redis: Any, listener: Any) -> None:
         """Use ``redis`` (with the access timeout) for lookups and ``listener`` for revocations."""
         self._redis, self._listener_client = redis, listener
+        if self.limiter is not None:
+            self.limiter.bind(redis)
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
 
@@ -129,10 +142,12 @@ class AccessControl:
         if presented is None:
             return ADMIT if rule is not None and rule.public else Decision(401, "missing-key")
         if self._on_error == "closed" and time.monotonic() < self._down_until:
+            self.degraded_decisions += 1
             return Decision(503, "store-unavailable", degraded=True)
         digest = KeyStore(None, self._keyspace, self._server_key).digest(presented)
         cached = self._cache.get(digest)
         now = time.time()
+        stale = False  # admitted from an expired cache entry while Redis is away
         if cached is not None and cached[0] > time.monotonic():
             key = cached[1]
             state = "unknown" if key is None else key.state(int(now))
@@ -142,16 +157,16 @@ class AccessControl:
                 key, state = await store.verify(presented, int(now))
             except Exception as exc:  # any store failure: the failure policy decides
                 self._down_until = time.monotonic() + 5
-                self.degraded_decisions += 1
                 log.warning("meterwall: access check could not reach Redis: %s", exc)
-                stale = cached[1] if cached is not None else None
+                known = cached[1] if cached is not None else None
                 if (
                     self._on_error == "open"
-                    and stale is not None
-                    and stale.state(int(now)) == "valid"
+                    and known is not None
+                    and known.state(int(now)) == "valid"
                 ):
-                    key, state = stale, "valid"  # known valid: admitted without Redis
+                    key, state, stale = known, "valid", True  # known valid: admitted without Redis
                 else:
+                    self.degraded_decisions += 1
                     return Decision(503, "store-unavailable", degraded=True)
             else:
                 if state != "malformed":
@@ -164,7 +179,49 @@ class AccessControl:
             return Decision(403, "network", key)
         if rule is not None and not rule.public and not rule.scopes <= set(key.scopes):
             return Decision(403, "scope", key)
-        return Decision(0, "", key)
+        self._touch(key.id, int(now) // 60)
+        if stale:
+            return self._unlimited(key)
+        if self.limiter is None:
+            return Decision(0, "", key)
+        if time.monotonic() < self._down_until:  # Redis was away a moment ago: no waiting
+            return self._unlimited(key)
+        try:
+            verdict = await self.limiter.admit(key.consumer, key.plan, path)
+        except Exception as exc:
+            self._down_until = time.monotonic() + 5
+            log.warning("meterwall: rate and quota check could not reach Redis: %s", exc)
+            return self._unlimited(key)
+        if verdict.reason:
+            return Decision(429, verdict.reason, key, headers=verdict.headers,
+                            retry_after=verdict.retry_after)  # fmt: skip
+        return Decision(0, "", key, headers=verdict.headers, cost=verdict.cost)
+
+    def refund(self, consumer: str, cost: int) -> None:
+        if self.limiter is not None:
+            self.limiter.refund(consumer, cost)
+
+    def _unlimited(self, key: ApiKey) -> Decision:
+        """The failure policy for the limits: ``open`` admits without them, ``closed`` refuses."""
+        self.degraded_decisions += 1
+        if self._on_error == "open":
+            return Decision(0, "", key, degraded=True)
+        return Decision(503, "store-unavailable", key, degraded=True)
+
+    def _touch(self, key_id: str, minute: int) -> None:
+        """Record when a key was last used, at most once a minute per key and process."""
+        if self._used.get(key_id) == minute or self._redis is None:
+            return
+        if len(self._used) >= _CACHE_LIMIT:
+            self._used.clear()
+        self._used[key_id] = minute
+        task = asyncio.get_running_loop().create_task(self._write_last_used(key_id, minute))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_last_used(self, key_id: str, minute: int) -> None:
+        with contextlib.suppress(Exception):  # a lost 'last used' write costs nothing
+            await self._redis.hset(self._keyspace.key_last_used(), key_id, minute * 60)
 
     def _presented_key(self, scope: Scope) -> str | None:
         raw: bytes
@@ -173,6 +230,11 @@ class AccessControl:
                 return raw[7:].strip().decode("latin-1")
             if name == self._header:
                 return raw.strip().decode("latin-1")
+        if self._query:  # only when MW_API_KEY_QUERY names a parameter (logged at start-up)
+            query: str = scope.get("query_string", b"").decode("latin-1")
+            for name_text, value in parse_qsl(query, keep_blank_values=True):
+                if name_text == self._query:
+                    return value.strip()
         return None
 
     def _network_ok(self, address: str | None, cidrs: Sequence[str]) -> bool:
@@ -219,6 +281,11 @@ class AccessControl:
             del self._cache[digest]
 
     async def aclose(self) -> None:
+        if self.limiter is not None and self._redis is not None:
+            await self.limiter.aclose()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -246,7 +313,10 @@ async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:
         headers.append((b"www-authenticate", b'Bearer realm="api"'))
     if decision.status == 503:
         headers.append((b"retry-after", b"5"))
+    if decision.status == 429:
+        headers.append((b"retry-after", str(max(1, decision.retry_after)).encode()))
+    headers.extend(decision.headers)
     if decision.degraded:
-        headers.append((b"meterwall-degraded", b"access-store-unavailable"))
+        headers.extend(DEGRADED)
     await send({"type": "http.response.start", "status": decision.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

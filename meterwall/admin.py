@@ -1,7 +1,7 @@
 """The admin HTTP API: JSON over Starlette, bearer tokens with disjoint roles, problem+json errors.
 
 Roles are disjoint on purpose: ``billing`` reads usage and closes periods, ``admin`` manages
-consumers (and, later, keys), ``security`` traces records; ``admin`` does not imply the others.
+consumers and API keys, ``security`` traces records; ``admin`` does not imply the others.
 Tokens are shown once at creation; Redis keeps only their SHA-256 (a token carries 256 random
 bits, so an unkeyed hash is enough), compared in constant time. ``/openapi.json`` is public.
 """
@@ -21,10 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .consumers import Consumer, ConsumerRegistry
+from .apikeys import KeyStore
+from .consumers import Consumer, ConsumerRegistry, check_consumer_id
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .periods import adjustments, close_period
+from .pseudonyms import derive
 from .settings import Settings
 from .store import connect
 from .usage import DIMENSIONS, UsageReader
@@ -104,6 +106,10 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
             try:
                 return await handler(request)
             except ConfigurationError as exc:
+                if exc.setting == "key id":
+                    return problem(404, "Not Found", exc.problem)
+                if exc.setting.startswith("MW_"):
+                    return problem(503, "Service Unavailable", f"{exc.setting} {exc.problem}")
                 return bad_parameter(exc.setting, exc.problem)
 
         return endpoint
@@ -166,6 +172,42 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
         )
         return JSONResponse(_consumer(updated))
 
+    def key_store() -> KeyStore:
+        if settings.pseudonym_secret is None:
+            raise ConfigurationError("MW_PSEUDONYM_SECRET", "is not set on the admin server")
+        return KeyStore(client(), keyspace, derive(settings.pseudonym_secret.reveal(), "api-keys"))
+
+    async def keys_list(request: Request) -> Response:
+        found = await key_store().all(request.query_params.get("consumer"))
+        return JSONResponse([key.public() for key in found])
+
+    async def key_create(request: Request) -> Response:
+        body = await _json_body(request)
+        allowed = {"consumer", "plan", "scopes", "cidrs", "expires", "env"}
+        if not isinstance(body, dict) or set(body) - allowed or "consumer" not in body:
+            return bad_parameter(
+                "body", f"an object with 'consumer' and optional {sorted(allowed)}"
+            )
+        check_consumer_id(str(body["consumer"]), setting="consumer")
+        meta, full = await key_store().create(
+            body["consumer"], plan=str(body.get("plan", "")),
+            scopes=tuple(_strings(body, "scopes")), cidrs=tuple(_strings(body, "cidrs")),
+            expires=_integer(body, "expires"), env=str(body.get("env", "live")),
+        )  # fmt: skip
+        return JSONResponse({"key": full, **meta.public()}, status_code=201)
+
+    async def key_revoke(request: Request) -> Response:
+        meta = await key_store().revoke(request.path_params["key_id"])
+        return JSONResponse(meta.public())
+
+    async def key_rotate(request: Request) -> Response:
+        body = await _json_body(request)
+        if not isinstance(body, dict) or set(body) - {"grace_seconds"}:
+            return bad_parameter("body", "an object with optional 'grace_seconds'")
+        grace = _integer(body, "grace_seconds", 86400)
+        meta, full = await key_store().rotate(request.path_params["key_id"], grace)
+        return JSONResponse({"key": full, **meta.public()})
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
@@ -178,8 +220,33 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
         Route("/periods/{period}/close", guarded("billing", close), methods=["POST"]),
         Route("/consumers", guarded("admin", consumers_list)),
         Route("/consumers/{consumer}", guarded("admin", consumer_put), methods=["PUT"]),
+        Route("/keys", guarded("admin", keys_list)),
+        Route("/keys", guarded("admin", key_create), methods=["POST"]),
+        Route("/keys/{key_id}/revoke", guarded("admin", key_revoke), methods=["POST"]),
+        Route("/keys/{key_id}/rotate", guarded("admin", key_rotate), methods=["POST"]),
     ]
     return Starlette(routes=routes)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError:
+        raise ConfigurationError("body", "not JSON") from None
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(name, "a list of strings")
+    return value
+
+
+def _integer(body: dict[str, Any], name: str, default: int = 0) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(name, "a non-negative integer")
+    return value
 
 
 def _consumer(consumer: Consumer) -> dict[str, Any]:
@@ -258,6 +325,25 @@ OPENAPI: dict[str, Any] = {
         "/consumers": {"get": _op("The consumer registry", "admin", [])},
         "/consumers/{consumer}": {
             "put": _op("Create or change a consumer (JSON name, tz)", "admin", [_CONSUMER])
+        },
+        "/keys": {
+            "get": _op("API keys (never a secret)", "admin", [_param("consumer", "consumer id")]),
+            "post": _op(
+                "Create a key (JSON consumer, plan, scopes, cidrs, expires, env); the answer "
+                "holds the key, shown this once",
+                "admin",
+                [],
+            ),
+        },
+        "/keys/{key_id}/revoke": {
+            "post": _op("Revoke a key", "admin", [_param("key_id", "key id", where="path")])
+        },
+        "/keys/{key_id}/rotate": {
+            "post": _op(
+                "A new secret (JSON grace_seconds: how long the old one works, default 86400)",
+                "admin",
+                [_param("key_id", "key id", where="path")],
+            )
         },
     },
 }

@@ -77,6 +77,7 @@ class ApiKey:
     previous_until: int = 0
     env: str = "live"
     extra: dict[str, Any] = field(default_factory=dict)
+    last_used: int = 0  # kept apart (``<prefix>:key-used``), written at most once a minute
 
     def state(self, now_s: int) -> str:
         """'valid', 'revoked' or 'expired'."""
@@ -86,10 +87,12 @@ class ApiKey:
             return "expired"
         return "valid"
 
-    def public(self) -> dict[str, Any]:
-        """What listings show: everything but the digests."""
+    def public(self, now_s: int | None = None) -> dict[str, Any]:
+        """What listings show: everything but the digests, and the state at ``now_s``."""
         shown = asdict(self)
         del shown["digest"], shown["previous_digest"], shown["extra"]
+        shown["scopes"], shown["cidrs"] = list(self.scopes), list(self.cidrs)
+        shown["state"] = self.state(int(time.time()) if now_s is None else now_s)
         return shown
 
 
@@ -123,11 +126,15 @@ class KeyStore:
         return meta, full
 
     async def get(self, key_id: str) -> ApiKey | None:
-        raw = await self._redis.get(self._keyspace.api_key(key_id))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self._keyspace.api_key(key_id))
+            pipe.hget(self._keyspace.key_last_used(), key_id)
+            raw, last_used = await pipe.execute()
         if raw is None:
             return None
         data = orjson.loads(raw)
         data["scopes"], data["cidrs"] = tuple(data["scopes"]), tuple(data["cidrs"])
+        data["last_used"] = int(last_used or 0)
         return ApiKey(**data)
 
     async def verify(self, full_key: str, now_s: int) -> tuple[ApiKey | None, str]:
@@ -176,5 +183,7 @@ class KeyStore:
         return meta
 
     async def _save(self, meta: ApiKey) -> None:
-        await self._redis.set(self._keyspace.api_key(meta.id), orjson.dumps(asdict(meta)))
+        stored = asdict(meta)
+        del stored["last_used"]
+        await self._redis.set(self._keyspace.api_key(meta.id), orjson.dumps(stored))
         await self._redis.publish(self._keyspace.key_events(), meta.id)

@@ -36,6 +36,7 @@ class Exchange:
         "disconnected",
         "duration_ns",
         "error",
+        "extra_headers",
         "key_id",
         "route",
         "scope",
@@ -67,6 +68,7 @@ class Exchange:
         self.consumer = ""
         self.key_id = ""
         self.denied = ""  # the access decision's reason when the request was refused
+        self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()  # added to the response start
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -94,6 +96,8 @@ class Exchange:
         elif kind == "http.response.start":
             self.status = message["status"]
             self.ttfb_ns = time.perf_counter_ns() - self._t0
+            if self.extra_headers:
+                message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
         try:
             await self._send(message)
         except OSError:

@@ -395,9 +395,10 @@ async def keys_list(consumer: str | None, fmt: str) -> None:
     """List keys (ids and metadata; never a secret)."""
     async with _reader() as (redis, settings):
         found = await _key_store(redis, settings).all(consumer)
-    now = int(time.time())
-    rows = [{**k.public(), "scopes": ",".join(k.scopes), "cidrs": ",".join(k.cidrs),
-             "state": k.state(now)} for k in found]  # fmt: skip
+    rows = [k.public() for k in found]
+    if fmt != "json":
+        rows = [{**row, "scopes": ",".join(row["scopes"]), "cidrs": ",".join(row["cidrs"])}
+                for row in rows]  # fmt: skip
     _emit(rows, fmt, "API keys")
 
 

@@ -94,7 +94,11 @@ class Flusher:
             secret = self._secret = settings.pseudonym_secret.reveal()
             self.sealer = RecordSealer(load_public_key(settings.record_public_key))
             self.pseudonyms = IpPseudonymiser(secret, self.keyspace, self._retention)
-            self.redactor = Redactor(derive(secret, "fingerprint"), self._address_pseudonym)
+            self.redactor = Redactor(
+                derive(secret, "fingerprint"), self._address_pseudonym,
+                extra_secret_fields=[settings.api_key_query] if settings.api_key_query else (),
+                extra_credential_headers=[settings.api_key_header],
+            )  # fmt: skip
             self._index_key = derive(secret, "index")
         self._hour = 0  # the hour of the exchange being redacted (for address headers)
         self._address_cache: dict[tuple[str | None, tuple[bytes, ...]], object] = {}
@@ -340,7 +344,7 @@ class Flusher:
             self._ident_cache[tag + value.encode()] = ident
         return ident
 
-    def _zone_of(self, consumer: str, time_s: int) -> str:
+    def zone_of(self, consumer: str, time_s: int) -> str:
         known = self._consumers.get(consumer)
         return known.tz_at(time_s) if known is not None else "UTC"
 
@@ -386,7 +390,7 @@ class Flusher:
         if counters_due:
             self._counters_at = time.monotonic() + self.settings.counter_flush_interval
         increments = counter_increments(
-            deltas, self._zone_of, self._weight_of, self._aggregate_retention
+            deltas, self.zone_of, self._weight_of, self._aggregate_retention
         )
         for consumer, rows in increments.items():
             merged = self._counters.setdefault(self.keyspace.shard_of(consumer), {})

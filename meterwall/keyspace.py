@@ -98,6 +98,14 @@ class Keyspace:
         """HyperLogLog of one consumer's daily client pseudonyms of one UTC day."""
         return f"{self._shard_prefixes[self.shard_of(consumer)]}uq:{consumer}:{day}"
 
+    def rate(self, shard: int, consumer: str) -> str:
+        """A consumer's rate-limit state (GCRA theoretical arrival time, ms); expires when idle."""
+        return f"{self._shard_prefixes[shard]}rl:{consumer}"
+
+    def quota(self, shard: int, consumer: str, month: str) -> str:
+        """A consumer's quota of one billing month: tokens used and the outstanding leases."""
+        return f"{self._shard_prefixes[shard]}qt:{consumer}:{month}"
+
     # Keys outside the shards.
     def meta(self) -> str:
         return f"{self.prefix}:meta"
@@ -108,6 +116,10 @@ class Keyspace:
     def api_key(self, key_id: str) -> str:
         """One API key's metadata and keyed hash (never the key itself)."""
         return f"{self.prefix}:key:{key_id}"
+
+    def key_last_used(self) -> str:
+        """Hash: key id -> when it was last used (unix seconds, to the minute)."""
+        return f"{self.prefix}:key-used"
 
     def key_events(self) -> str:
         """Pub/sub channel: key ids whose metadata changed (revoked, rotated)."""

@@ -14,11 +14,12 @@ import os
 import weakref
 from typing import Any
 
-from .access import AccessControl, Decision, parse_networks, parse_rules, send_denial
+from .access import DEGRADED, AccessControl, Decision, parse_networks, parse_rules, send_denial
 from .capture import Exchange
 from .clock import SYSTEM_CLOCK, Clock
 from .flusher import Flusher
 from .journal import Journal
+from .limits import Limiter, PathWeights, parse_plans
 from .pseudonyms import derive
 from .settings import Settings
 from .store import connect
@@ -32,6 +33,8 @@ _INSTANCES: weakref.WeakSet[Meterwall] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     for instance in list(_INSTANCES):
         instance.flusher.after_fork()
+        if instance.access is not None and instance.access.limiter is not None:
+            instance.access.limiter.after_fork()
 
 
 # A forked worker (gunicorn --preload, multiprocessing) must get its own writer id: two
@@ -61,7 +64,7 @@ class Meterwall:
         header = self.settings.consumer_header
         self._consumer_header = header.lower().encode() if header else None
         self._body_limit = self.settings.body_limit
-        self.access = _access_control(self.settings)
+        self.access = _access_control(self.settings, self.flusher, clock)
         self._access_loop: asyncio.AbstractEventLoop | None = None
         for note in self.settings.weakened():
             log.warning("meterwall: weaker than the default: %s", note)
@@ -97,6 +100,7 @@ class Meterwall:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope, receive, send, self._body_limit, self.clock.now_ns())
         root_path = scope.get("root_path", "")
+        cost = 0
         try:
             if self.access is not None:
                 decision = await self._decide(scope)
@@ -106,6 +110,10 @@ class Meterwall:
                     ex.denied = decision.reason
                     await send_denial(decision, scope, ex.send)
                     return
+                ex.extra_headers = (
+                    decision.headers + DEGRADED if decision.degraded else decision.headers
+                )
+                cost = decision.cost
             await self.app(scope, ex.receive, ex.send)
         except BaseException:
             ex.error = True
@@ -115,6 +123,8 @@ class Meterwall:
         finally:
             try:
                 ex.finish(root_path)
+                if cost and ex.status >= 500 and self.access is not None:
+                    self.access.refund(ex.consumer, cost)  # a 5xx answer carries no units
                 if self._consumer_header is not None and not ex.key_id:
                     ex.consumer = self._consumer(scope)
                 self.flusher.submit(ex)
@@ -164,7 +174,7 @@ def health() -> list[dict[str, Any]]:
     return [instance.health() for instance in list(_INSTANCES)]
 
 
-def _access_control(settings: Settings) -> AccessControl | None:
+def _access_control(settings: Settings, flusher: Flusher, clock: Clock) -> AccessControl | None:
     if settings.access == "off":
         log.info("meterwall: MW_ACCESS=off: API keys are not checked (MW_ACCESS=keys to do so)")
         return None
@@ -175,5 +185,8 @@ def _access_control(settings: Settings) -> AccessControl | None:
         parse_rules(settings.access_rules), header=settings.api_key_header,
         allow=parse_networks(settings.access_allow, setting="MW_ACCESS_ALLOW"),
         deny=parse_networks(settings.access_deny, setting="MW_ACCESS_DENY"),
-        on_redis_error=settings.access_on_redis_error,
+        on_redis_error=settings.access_on_redis_error, query_parameter=settings.api_key_query,
+        limiter=Limiter(settings.keyspace(), parse_plans(settings.plans),
+                        default_plan=settings.default_plan, zone_of=flusher.zone_of,
+                        weight_of=PathWeights(settings.route_weights), clock=clock),
     )  # fmt: skip

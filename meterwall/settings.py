@@ -177,6 +177,9 @@ class Settings:
     access_deny: str = ""
     access_on_redis_error: FailurePolicy = "open"
     access_timeout: float = 0.5
+    plans: str = ""
+    default_plan: str = ""
+    api_key_query: str = ""
 
     def __post_init__(self) -> None:
         self._check()
@@ -266,6 +269,15 @@ class Settings:
         parse_rules(self.access_rules, setting=env_name("access_rules"))
         parse_networks(self.access_allow, setting=env_name("access_allow"))
         parse_networks(self.access_deny, setting=env_name("access_deny"))
+        from .limits import parse_plans
+
+        plans = parse_plans(self.plans, setting=env_name("plans"))
+        if self.default_plan and self.default_plan not in plans:
+            raise ConfigurationError(
+                env_name("default_plan"), f"no plan {self.default_plan!r} in MW_PLANS"
+            )
+        if self.api_key_query and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.api_key_query):
+            raise ConfigurationError(env_name("api_key_query"), "must be a query parameter name")
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", self.api_key_header):
             raise ConfigurationError(env_name("api_key_header"), "must be a header name")
         if not isinstance(self.trusted_proxies, TrustedProxies):
@@ -287,6 +299,11 @@ class Settings:
             notes.append(
                 "MW_ACCESS_ON_REDIS_ERROR=open: while Redis is away, keys known valid from the "
                 "cache are admitted (unknown keys get 503)"
+            )
+        if self.access == "keys" and self.api_key_query:
+            notes.append(
+                f"MW_API_KEY_QUERY={self.api_key_query}: API keys are also read from the query "
+                "string, where proxies and browsers may log them"
             )
         if self.consumer_header:
             notes.append(

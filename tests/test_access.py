@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -203,7 +204,7 @@ def test_keys_cli_shows_a_key_once_and_lists_only_metadata(settings) -> None:
     assert (row["id"], row["consumer"], row["scopes"], row["state"]) == (
         key_id,
         "acme",
-        "items:read",
+        ["items:read"],
         "valid",
     )
     assert meterwall("keys", "revoke", key_id, env=env).returncode == 0
@@ -211,3 +212,27 @@ def test_keys_cli_shows_a_key_once_and_lists_only_metadata(settings) -> None:
     assert again[0]["state"] == "revoked"
     nobody = meterwall("keys", "revoke", "000000000000", env=env)
     assert (nobody.returncode, nobody.stderr.count("\n")) == (2, 1)
+
+
+async def test_a_query_string_key_only_when_enabled_and_never_kept(
+    redis, access_settings, private_key, caplog
+) -> None:
+    meta, full = await make_key(redis, access_settings)
+    [refused] = await call(Meterwall(api_app, settings=access_settings),
+                           ("GET", f"/items/1?api_key={full}", {}))  # fmt: skip
+    assert refused.status_code == 401
+    enabled = access_settings.replace(api_key_query="api_key")
+    with caplog.at_level("WARNING", logger="meterwall"):
+        app = Meterwall(api_app, settings=enabled)
+    assert "MW_API_KEY_QUERY=api_key" in caplog.text
+    [admitted] = await call(app, ("GET", f"/items/1?q=7&api_key={full}", {}))
+    assert admitted.status_code == 200
+    records = await RecordReader(redis, enabled, private_key).records()
+    assert sorted(r["decision"] for r in records) == ["admitted", "missing-key"]
+    assert full not in str(records)
+    assert "q=7" in str(records)
+    store = KeyStore(
+        redis, enabled.keyspace(), derive(enabled.pseudonym_secret.reveal(), "api-keys")
+    )
+    used = (await store.get(meta.id)).last_used  # written in the background, once a minute
+    assert abs(used - time.time()) < 120

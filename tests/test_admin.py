@@ -9,6 +9,7 @@ import pytest
 
 from meterwall import Meterwall
 from meterwall.admin import AdminTokens, admin_app
+from meterwall.apikeys import parse_key
 from meterwall.usage import UsageReader
 from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
@@ -90,3 +91,45 @@ async def test_admins_manage_consumers(api, redis, settings) -> None:
     bad = await api.put("/consumers/acme", json={"tz": "Nowhere/Land"}, headers=headers)
     assert bad.status_code == 400
     assert bad.json()["invalid_params"][0]["name"] == "tz"
+
+
+async def test_admins_manage_keys_and_never_see_a_secret_twice(api, redis, settings) -> None:
+    admin, billing = (
+        await bearer(redis, settings, "admin"),
+        await bearer(redis, settings, "billing"),
+    )
+    body = {"consumer": "acme", "plan": "pro", "scopes": ["items:read"], "cidrs": ["10.0.0.0/8"]}
+    assert (await api.post("/keys", json=body, headers=billing)).status_code == 403
+    made = await api.post("/keys", json=body, headers=admin)
+    assert made.status_code == 201
+    created = made.json()
+    assert parse_key(created["key"]) == created["id"]
+    assert (created["consumer"], created["plan"], created["scopes"]) == (
+        "acme",
+        "pro",
+        ["items:read"],
+    )
+    listed = (await api.get("/keys", params={"consumer": "acme"}, headers=admin)).json()
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert "key" not in listed[0]
+    assert "digest" not in listed[0]
+    assert (await api.get("/keys", params={"consumer": "globex"}, headers=admin)).json() == []
+    rotated = await api.post(f"/keys/{created['id']}/rotate", json={"grace_seconds": 60},
+                             headers=admin)  # fmt: skip
+    assert rotated.status_code == 200
+    assert rotated.json()["key"] != created["key"]
+    assert rotated.json()["previous_until"] > 0
+    revoked = await api.post(f"/keys/{created['id']}/revoke", headers=admin)
+    assert revoked.json()["state"] == "revoked"
+    unknown = await api.post("/keys/000000000000/revoke", headers=admin)
+    assert (unknown.status_code, unknown.headers["content-type"]) == (
+        404,
+        "application/problem+json",
+    )
+    for bad in [{"plan": "x"}, {"consumer": "acme", "cidrs": ["not-a-net"]},
+                {"consumer": "acme", "expires": -1}, {"consumer": "a b"}]:  # fmt: skip
+        reply = await api.post("/keys", json=bad, headers=admin)
+        assert reply.status_code == 400, bad
+        assert reply.headers["content-type"] == "application/problem+json"
+    spec = (await api.get("/openapi.json")).json()
+    assert {"get", "post"} <= set(spec["paths"]["/keys"])

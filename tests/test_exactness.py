@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import sys
 from datetime import UTC, datetime
 
 import httpx
@@ -15,6 +11,7 @@ import pytest
 from meterwall import Meterwall
 from meterwall.store import apply_batches
 from meterwall.usage import UsageReader
+from tests.helpers import serve, stop
 from tests.test_flusher import ok_app, requests_in_redis
 from tests.test_middleware import _discard, body_receive, http_scope
 
@@ -53,25 +50,13 @@ async def test_a_replayed_old_batch_is_ignored(redis, settings) -> None:
 @pytest.mark.slow
 async def test_counts_are_exact_across_two_worker_processes(redis, settings) -> None:
     env = {
-        **os.environ,
         "MW_REDIS_URL": settings.redis_url,
         "MW_KEY_PREFIX": settings.key_prefix,
         "MW_RECORD_PUBLIC_KEY": settings.record_public_key or "",
         "MW_PSEUDONYM_SECRET": "A" * 43,
         "MW_CONSUMER_HEADER": "X-Consumer",
     }
-    servers, ports = [], []
-    for _ in range(2):
-        listener = socket.create_server(("127.0.0.1", 0))
-        ports.append(listener.getsockname()[1])
-        servers.append(  # one single-worker process each, sharing nothing but Redis
-            await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "uvicorn", "tests.served_app:app", "--fd",
-                str(listener.fileno()), "--log-level", "warning", "--no-access-log",
-                env=env, pass_fds=[listener.fileno()],
-            )
-        )  # fmt: skip
-        listener.close()
+    servers, ports = await serve(env, 2)
     consumers = ["acme", "globex", "initech"]
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -86,10 +71,7 @@ async def test_counts_are_exact_across_two_worker_processes(redis, settings) -> 
                 statuses += await asyncio.gather(*(one(n) for n in range(start, start + 50)))
         assert statuses == [200] * 600
     finally:
-        for server in servers:
-            server.send_signal(signal.SIGTERM)  # graceful: lifespan shutdown flushes
-        for server in servers:  # uvicorn re-raises the signal once it has shut down cleanly
-            assert await asyncio.wait_for(server.wait(), 30) in (0, -signal.SIGTERM)
+        await stop(servers)
     month = datetime.now(UTC).strftime("%Y-%m")
     reader = UsageReader(redis, settings.keyspace())
     for consumer in consumers:

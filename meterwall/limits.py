@@ -1,0 +1,428 @@
+"""Rate limits and monthly quotas, spent from tokens that each worker leases from Redis in batches.
+
+A plan (``MW_PLANS``) gives a consumer a rate limit (GCRA: a rate and a burst) and/or a monthly
+quota in requests or billable units, counted in the consumer's billing time zone. Redis holds the
+exact state: one script (``lua/lease.lua``), one rate key and one quota hash per consumer. A worker
+leases a few tokens at a time and spends them in process, so an admitted request does not wait on
+Redis; it asks for more before it runs out, and the script shrinks a lease as a limit nears
+exhaustion (a lease is at most a quarter of what is left, and a single token at the end).
+
+The bounds, documented in the README:
+
+* never over: tokens are deducted in Redis when leased, so admissions never exceed the limit
+  while Redis answers; with one token left, exactly one request anywhere is admitted;
+* under-admission is bounded by the tokens the workers hold unspent: a rate token is spent
+  within a second of its lease or handed back with the next lease; a quota lease is settled
+  (its unspent tokens given back) within ``QUOTA_LEASE_S``, on shutdown, or, when its worker
+  was killed, reclaimed by the script ``RECLAIM_GRACE_S`` after that;
+* a killed worker's tokens come back minus what it reported spent; requests it admitted after
+  its last report (at most the tokens of its leases) are not known to Redis and can be admitted
+  again: the only way a quota can be overshot while Redis answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from redis.exceptions import NoScriptError
+
+from .clock import SYSTEM_CLOCK, Clock
+from .consumers import next_month_start
+from .errors import ConfigurationError
+from .keyspace import Keyspace
+
+log = logging.getLogger("meterwall")
+
+LEASE_SCRIPT = resources.files("meterwall").joinpath("lua/lease.lua").read_bytes()
+LEASE_SHA = hashlib.sha1(LEASE_SCRIPT, usedforsecurity=False).hexdigest()
+
+PLAN_SYNTAX = "free: 10/s burst 20, 10000 requests/month; pro: 100/s, 1000000 units/month"
+RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
+QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
+RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
+FIRST_LEASE, MAX_LEASE, SHARE = 8, 128, 4
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*/\s*(s|min|h)(?:\s+burst\s+(\d+))?$")
+_QUOTA = re.compile(r"^(\d+)\s+(requests|units)\s*/\s*month$")
+_PER = {"s": 1, "min": 60, "h": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A rate limit (``rate`` requests per second, 0: none) and a monthly quota (0: none)."""
+
+    name: str
+    rate: float = 0.0
+    burst: int = 0
+    quota: int = 0
+    unit: str = "requests"  # or "units": the route weights of MW_ROUTE_WEIGHTS
+
+    @property
+    def limited(self) -> bool:
+        return self.rate > 0 or self.quota > 0
+
+
+def parse_plans(text: str, *, setting: str = "MW_PLANS") -> dict[str, Plan]:
+    """``"free: 10/s burst 20, 10000 requests/month; pro: 100/s, 1000000 units/month"``.
+
+    A rate is ``N/s``, ``N/min`` or ``N/h`` with an optional burst (default: one second's
+    worth, at least 1); a quota is ``N requests/month`` or ``N units/month``; ``unlimited``
+    names a plan without limits.
+    """
+    plans: dict[str, Plan] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, colon, spec = item.partition(":")
+        name = name.strip()
+        if not colon or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigurationError(setting, f"expected {PLAN_SYNTAX!r}, got {item!r}")
+        rate, burst, quota, unit = 0.0, 0, 0, "requests"
+        for part in filter(None, (p.strip().lower() for p in spec.split(","))):
+            if part == "unlimited":
+                continue
+            if rate_match := _RATE.match(part):
+                rate = float(rate_match[1]) / _PER[rate_match[2]]
+                burst = int(rate_match[3]) if rate_match[3] else max(1, math.ceil(rate))
+                if rate <= 0 or burst < 1:
+                    raise ConfigurationError(setting, f"plan {name!r}: a rate must be positive")
+            elif quota_match := _QUOTA.match(part):
+                quota, unit = int(quota_match[1]), quota_match[2]
+                if quota < 1:
+                    raise ConfigurationError(setting, f"plan {name!r}: a quota must be positive")
+            else:
+                raise ConfigurationError(
+                    setting, f"plan {name!r}: cannot read {part!r} (syntax: {PLAN_SYNTAX!r})"
+                )
+        plans[name] = Plan(name, rate, burst, quota, unit)
+    return plans
+
+
+class PathWeights:
+    """Billable units of a request, known before routing from the path.
+
+    ``MW_ROUTE_WEIGHTS`` names route templates; the quota must charge a request before the app
+    routes it, so each template is matched against the raw path (``{name}`` matches one segment,
+    ``{name:path}`` the rest). Unlisted paths weigh 1.
+    """
+
+    def __init__(self, weights: Mapping[str, int]) -> None:
+        self._exact = {t: w for t, w in weights.items() if "{" not in t}
+        self._patterns = [
+            (re.compile(_template_regex(t)), w) for t, w in weights.items() if "{" in t
+        ]
+
+    def __call__(self, path: str) -> int:
+        weight = self._exact.get(path)
+        if weight is not None:
+            return weight
+        for pattern, weight in self._patterns:
+            if pattern.match(path):
+                return weight
+        return 1
+
+
+def _template_regex(template: str) -> str:
+    parts = re.split(r"(\{[^{}]+\})", template)
+    regex = "".join(
+        (".*" if part.endswith(":path}") else "[^/]+") if part.startswith("{") else re.escape(part)
+        for part in parts
+    )
+    return regex + "$"
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The limits' answer: admitted (``reason`` empty) or refused, and the RateLimit headers."""
+
+    reason: str = ""  # "", "rate-limited" or "quota-exceeded"
+    retry_after: int = 0
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    cost: int = 0  # quota tokens spent (given back if the answer is not billable)
+
+
+UNLIMITED = Verdict()
+
+
+class _Lease:
+    __slots__ = ("deadline_ns", "granted", "id", "spent")
+
+    def __init__(self, lease_id: str, granted: int, deadline_ns: int) -> None:
+        self.id, self.granted, self.spent, self.deadline_ns = lease_id, granted, 0, deadline_ns
+
+    def left(self, now_ns: int) -> int:
+        return self.granted - self.spent if now_ns < self.deadline_ns else 0
+
+
+class _Tokens:
+    """One consumer's tokens in this process."""
+
+    __slots__ = ("blocked", "blocked_until_ns", "credit", "last_call_ns", "leases", "month",
+                 "month_end_s", "month_seconds", "pending", "plan", "quota_left", "rate",
+                 "rate_deadline_ns", "rate_left", "rate_return", "retry_s", "want")  # fmt: skip
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.month = ""
+        self.month_end_s = 0
+        self.month_seconds = 0
+        self.rate = 0  # rate tokens held
+        self.rate_deadline_ns = 0
+        self.rate_return = 0  # expired rate tokens to hand back with the next lease
+        self.rate_left = -1  # what Redis said was left at the last lease (-1: unknown)
+        self.quota_left = -1
+        self.leases: list[_Lease] = []
+        self.credit = 0  # quota tokens given back by requests that were not billable
+        self.blocked = ""
+        self.blocked_until_ns = 0
+        self.retry_s = 0
+        self.pending: asyncio.Task[None] | None = None
+        self.want = FIRST_LEASE
+        self.last_call_ns = 0
+
+    def quota_held(self, now_ns: int) -> int:
+        return self.credit + sum(lease.left(now_ns) for lease in self.leases)
+
+
+class Limiter:
+    """Spends leased tokens for one middleware instance; ``admit`` is called per request."""
+
+    def __init__(
+        self, keyspace: Keyspace, plans: Mapping[str, Plan], *, default_plan: str = "",
+        zone_of: Callable[[str, int], str] = lambda consumer, time_s: "UTC",
+        weight_of: Callable[[str], int] = lambda path: 1, clock: Clock = SYSTEM_CLOCK,
+    ) -> None:  # fmt: skip
+        self._keyspace = keyspace
+        self._plans = dict(plans)
+        self._default = default_plan
+        self._zone_of = zone_of
+        self._weight_of = weight_of
+        self._clock = clock
+        self._pass_time = clock is not SYSTEM_CLOCK  # tests drive Redis's side with their clock
+        self._writer = secrets.token_hex(4)
+        self._serial = 0
+        self._tokens: dict[str, _Tokens] = {}
+        self._unknown_plans: set[str] = set()
+        self._redis: Any = None
+        self.lease_calls = 0  # round trips to Redis (benchmarks report them per request)
+
+    @property
+    def active(self) -> bool:
+        return any(plan.limited for plan in self._plans.values())
+
+    def bind(self, redis: Any) -> None:
+        self._redis = redis
+
+    def after_fork(self) -> None:
+        """A forked child holds none of its parent's leases (and must not settle them)."""
+        self._writer = secrets.token_hex(4)
+        self._tokens.clear()
+
+    def plan_of(self, name: str) -> Plan | None:
+        plan = self._plans.get(name or self._default)
+        if plan is None and name:
+            if name not in self._unknown_plans:
+                self._unknown_plans.add(name)
+                log.warning("meterwall: plan %r is not in MW_PLANS: the default plan applies", name)
+            plan = self._plans.get(self._default)
+        return plan if plan is not None and plan.limited else None
+
+    async def admit(self, consumer: str, plan_name: str, path: str) -> Verdict:
+        """Spend one request's tokens, leasing more when needed. Raises when Redis fails."""
+        plan = self.plan_of(plan_name)
+        if plan is None:
+            return UNLIMITED
+        cost = 0
+        if plan.quota:
+            weight = self._weight_of(path)
+            cost = weight if plan.unit == "units" else min(weight, 1)
+        tokens = self._tokens.get(consumer)
+        if tokens is None or tokens.plan != plan:
+            tokens = self._tokens[consumer] = _Tokens(plan)
+        now = self._clock.now_ns()
+        if plan.quota:
+            self._roll_month(tokens, consumer, now)
+        while True:
+            if now >= tokens.rate_deadline_ns and tokens.rate:
+                tokens.rate_return += tokens.rate
+                tokens.rate = 0
+            rate_ok = not plan.rate or tokens.rate >= 1
+            quota_ok = not cost or tokens.quota_held(now) >= cost
+            if rate_ok and quota_ok:
+                return self._spend(tokens, consumer, cost, now)
+            if now < tokens.blocked_until_ns:
+                return self._refusal(tokens, now)
+            if tokens.pending is None:
+                tokens.pending = asyncio.get_running_loop().create_task(
+                    self._lease(tokens, consumer, cost)
+                )
+            await asyncio.shield(tokens.pending)  # a cancelled request leaves the lease running
+            now = self._clock.now_ns()
+
+    def refund(self, consumer: str, cost: int) -> None:
+        """Give back the quota tokens of a request that turned out not billable (a 5xx)."""
+        tokens = self._tokens.get(consumer)
+        if tokens is not None:
+            tokens.credit += cost  # spent again here, or given back with the next lease
+
+    def _spend(self, tokens: _Tokens, consumer: str, cost: int, now: int) -> Verdict:
+        plan = tokens.plan
+        if plan.rate:
+            tokens.rate -= 1
+        if cost:
+            left = cost - min(cost, tokens.credit)
+            tokens.credit -= cost - left
+            for lease in tokens.leases:
+                take = min(left, lease.left(now))
+                lease.spent += take
+                left -= take
+                if not left:
+                    break
+        low = (plan.rate and tokens.rate * 2 < tokens.want) or (
+            plan.quota and tokens.quota_held(now) * 2 < tokens.want
+        )
+        if low and tokens.pending is None and now >= tokens.blocked_until_ns:
+            tokens.pending = asyncio.get_running_loop().create_task(
+                self._lease(tokens, consumer, 0)
+            )
+        return Verdict(headers=self._headers(tokens, now), cost=cost)
+
+    def _refusal(self, tokens: _Tokens, now: int) -> Verdict:
+        return Verdict(tokens.blocked, max(1, tokens.retry_s), self._headers(tokens, now))
+
+    async def _lease(self, tokens: _Tokens, consumer: str, cost: int) -> None:
+        try:
+            await self._call(tokens, consumer, cost)
+        finally:
+            tokens.pending = None
+
+    async def _call(
+        self, tokens: _Tokens, consumer: str, cost: int, *, closing: bool = False
+    ) -> None:
+        plan = tokens.plan
+        now = self._clock.now_ns()
+        if now - tokens.last_call_ns < RATE_LEASE_S * 1e9 / 2:
+            tokens.want = min(MAX_LEASE, tokens.want * 2)  # busy: lease more per call
+        elif now - tokens.last_call_ns > 4 * RATE_LEASE_S * 1e9:
+            tokens.want = FIRST_LEASE
+        tokens.last_call_ns = now
+        rate_want = quota_want = 0
+        if plan.rate and not closing and (tokens.rate < 1 or tokens.rate * 2 < tokens.want):
+            rate_want = tokens.want
+        held = tokens.quota_held(now)
+        if plan.quota and not closing and (held < cost or held * 2 < tokens.want):
+            quota_want = max(tokens.want, cost - held)
+        settle: list[Any] = []
+        finals = []
+        for lease in tokens.leases:
+            final = closing or lease.left(now) == 0
+            settle += [lease.id, lease.spent, "1" if final else "0"]
+            if final:
+                finals.append(lease)
+        rate_return = tokens.rate_return + (tokens.rate if closing else 0)
+        quota_return, tokens.credit = tokens.credit, 0
+        keep_s = tokens.month_end_s + 7 * 86400 - now // 10**9  # a week past the month's end
+        self._serial += 1
+        lease_id = f"{self._writer}.{self._serial}"
+        shard = self._keyspace.shard_of(consumer)
+        keys = [self._keyspace.rate(shard, consumer),
+                self._keyspace.quota(shard, consumer, tokens.month or "-")]  # fmt: skip
+        args = [now // 1_000_000 if self._pass_time else 0,
+                1000 / plan.rate if plan.rate else 0, plan.burst, rate_want, rate_return,
+                plan.quota, quota_want, quota_return, lease_id,
+                int((QUOTA_LEASE_S + RECLAIM_GRACE_S) * 1000), keep_s,
+                SHARE, *settle]  # fmt: skip
+        self.lease_calls += 1
+        try:
+            try:
+                reply = await self._redis.evalsha(LEASE_SHA, 2, *keys, *args)
+            except NoScriptError:
+                reply = await self._redis.eval(LEASE_SCRIPT, 2, *keys, *args)
+        except BaseException:
+            tokens.credit += quota_return  # not given back: still ours
+            raise
+        rate_granted, rate_left, retry_ms, quota_granted, quota_left, refused = map(int, reply)
+        for lease in finals:
+            tokens.leases.remove(lease)
+        tokens.rate_return = 0
+        if closing:
+            tokens.rate = 0
+            return
+        if rate_granted:
+            tokens.rate += rate_granted
+            tokens.rate_deadline_ns = now + int(RATE_LEASE_S * 1e9)
+        if quota_granted:
+            tokens.leases.append(_Lease(lease_id, quota_granted, now + int(QUOTA_LEASE_S * 1e9)))
+        tokens.rate_left, tokens.quota_left = rate_left, quota_left
+        if refused == 2:
+            tokens.blocked, tokens.retry_s = "quota-exceeded", tokens.month_end_s - now // 10**9
+            recheck = (QUOTA_LEASE_S + RECLAIM_GRACE_S) * 1e9  # reclaimed leases may free some
+            tokens.blocked_until_ns = min(tokens.month_end_s * 10**9, now + int(recheck))
+        elif refused == 1:
+            tokens.blocked, tokens.retry_s = "rate-limited", math.ceil(retry_ms / 1000)
+            tokens.blocked_until_ns = now + retry_ms * 1_000_000
+
+    def _roll_month(self, tokens: _Tokens, consumer: str, now: int) -> None:
+        now_s = now // 10**9
+        if now_s < tokens.month_end_s:
+            return
+        zone = self._zone_of(consumer, now_s)
+        local = datetime.fromtimestamp(now_s, ZoneInfo(zone))
+        start = int(local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+        tokens.month = f"{local.year:04d}-{local.month:02d}"
+        tokens.month_end_s = next_month_start(local.year, local.month, zone)
+        tokens.month_seconds = tokens.month_end_s - start
+        tokens.leases.clear()  # last month's leases and credit lapse with their month
+        tokens.credit = 0
+        tokens.quota_left = -1
+        if tokens.blocked == "quota-exceeded":
+            tokens.blocked_until_ns = 0
+
+    def _headers(self, tokens: _Tokens, now: int) -> tuple[tuple[bytes, bytes], ...]:
+        """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10).
+
+        One policy named ``rate`` and one named ``quota``; never a key or consumer id.
+        """
+        plan = tokens.plan
+        policies, states = [], []
+        if plan.rate:
+            window = max(1, math.ceil(plan.burst / plan.rate))
+            left = min(plan.burst, tokens.rate + max(0, tokens.rate_left))
+            reset = 0 if left >= plan.burst else math.ceil((plan.burst - left) / plan.rate)
+            if now < tokens.blocked_until_ns and tokens.blocked == "rate-limited":
+                left, reset = 0, max(1, tokens.retry_s)
+            policies.append(f'"rate";q={plan.burst};w={window}')
+            states.append(f'"rate";r={left};t={reset}')
+        if plan.quota:
+            left = max(0, tokens.quota_left) + tokens.quota_held(now)
+            if now < tokens.blocked_until_ns and tokens.blocked == "quota-exceeded":
+                left = 0
+            policies.append(f'"quota";q={plan.quota};w={tokens.month_seconds}')
+            states.append(
+                f'"quota";r={min(left, plan.quota)};t={tokens.month_end_s - now // 10**9}'
+            )
+        return ((b"ratelimit-policy", ", ".join(policies).encode()),
+                (b"ratelimit", ", ".join(states).encode()))  # fmt: skip
+
+    async def aclose(self) -> None:
+        """Give every unspent token back (graceful shutdown)."""
+        for consumer, tokens in list(self._tokens.items()):
+            if tokens.pending is not None:
+                with contextlib.suppress(Exception):
+                    await tokens.pending
+            if tokens.leases or tokens.rate or tokens.rate_return or tokens.credit:
+                try:
+                    await self._call(tokens, consumer, 0, closing=True)
+                except Exception as exc:  # Redis reclaims the leases at their deadline
+                    log.warning("meterwall: could not give leased tokens back: %s", exc)
+        self._tokens.clear()

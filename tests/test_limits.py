@@ -1,0 +1,243 @@
+"""Rate limits and monthly quotas: exact admissions from leased tokens, answers and headers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from meterwall import Meterwall, Settings
+from meterwall.clock import FixedClock
+from meterwall.errors import ConfigurationError
+from meterwall.limits import Limiter, PathWeights, parse_plans
+from meterwall.retention import Auditor
+from meterwall.usage import UsageReader
+from tests.helpers import serve, stop
+from tests.test_access import api_app, make_key
+
+T0 = 1_811_000_000 * 10**9  # 2027-05-22T15:33:20Z, ahead of the real clock: keys expire later
+
+
+def limited(settings: Settings, plans: str, **more: Any) -> Settings:
+    return settings.replace(access="keys", access_rules="/health=public", plans=plans, **more)
+
+
+async def send(app: Meterwall, key: str, count: int, path: str = "/x") -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        return [await client.get(path, headers={"X-API-Key": key}) for _ in range(count)]
+
+
+def month_quota(settings: Settings, consumer: str, month: str) -> str:
+    keyspace = settings.keyspace()
+    return keyspace.quota(keyspace.shard_of(consumer), consumer, month)
+
+
+def test_plans_are_read_and_bad_ones_name_the_setting() -> None:
+    plans = parse_plans("free: 10/s burst 20, 1000 requests/month; pro: 120/min, 5 units/month;"
+                        " internal: unlimited")  # fmt: skip
+    assert (plans["free"].rate, plans["free"].burst, plans["free"].quota) == (10, 20, 1000)
+    assert (plans["pro"].rate, plans["pro"].burst, plans["pro"].unit) == (2, 2, "units")
+    assert not plans["internal"].limited
+    for bad in [
+        "free 10/s",
+        "free: 10/fortnight",
+        "free: 0/s",
+        "free: 0 requests/month",
+        "a b: 1/s",
+    ]:
+        with pytest.raises(ConfigurationError) as caught:
+            Settings.from_env({"MW_PLANS": bad, "MW_RECORDS": "off"})
+        assert caught.value.setting == "MW_PLANS"
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"MW_PLANS": "free: 1/s", "MW_DEFAULT_PLAN": "gold", "MW_RECORDS": "off"})
+    assert caught.value.setting == "MW_DEFAULT_PLAN"
+
+
+def test_path_weights_match_route_templates_before_routing() -> None:
+    weights = PathWeights({"/search": 5, "/items/{id}": 2, "/files/{rest:path}": 3, "/health": 0})
+    assert [weights(p) for p in ["/search", "/items/7", "/items/7/x", "/files/a/b", "/health",
+                                 "/other"]] == [5, 2, 1, 3, 0, 1]  # fmt: skip
+
+
+async def test_gcra_admits_the_burst_then_exactly_the_rate(redis, settings) -> None:
+    clock = FixedClock(T0)
+    own = limited(settings, "free: 2/s burst 5", default_plan="free")
+    _, key = await make_key(redis, own)
+    app = Meterwall(api_app, settings=own, clock=clock)
+    async with LifespanManager(app):
+        burst = await send(app, key, 8)
+        assert [r.status_code for r in burst] == [200] * 5 + [429] * 3
+        refused = burst[5]
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"] == "https://meterwall.dev/problems/rate-limited"
+        assert refused.headers["ratelimit-policy"] == '"rate";q=5;w=3'
+        assert refused.headers["ratelimit"] == '"rate";r=0;t=1'
+        assert burst[0].headers["ratelimit-policy"] == '"rate";q=5;w=3'
+        assert app.access is not None
+        assert app.access.limiter is not None
+        calls = app.access.limiter.lease_calls
+        assert [r.status_code for r in await send(app, key, 5)] == [429] * 5
+        assert app.access.limiter.lease_calls == calls  # answered from the cache
+        admitted = 0
+        for _ in range(20):  # 10 s at the rate of 2/s: 20 more, one per half second
+            clock.advance(0.5)
+            statuses = [r.status_code for r in await send(app, key, 3)]
+            admitted += statuses.count(200)
+            assert statuses.count(200) == 1
+        assert admitted == 20
+        clock.advance(60)  # idle: the whole burst again, not more
+        assert [r.status_code for r in await send(app, key, 6)] == [200] * 5 + [429]
+    rows = await UsageReader(redis, own.keyspace()).totals(
+        "acme", datetime.fromtimestamp(T0 / 1e9, UTC).strftime("%Y-%m"), ["status"]
+    )
+    by_status = {r["status"]: r for r in rows}
+    assert by_status[200]["requests"] == 30
+    assert by_status[429]["requests"] == 3 + 5 + 40 + 1
+    assert by_status[429]["denied"] == by_status[429]["requests"]
+    assert by_status[429]["units"] == 0
+
+
+async def test_a_quota_stops_at_its_limit_and_says_when_it_resets(redis, settings) -> None:
+    clock = FixedClock(T0)
+    own = limited(settings, "small: 4 units/month", route_weights={"/items/{n}": 3})
+    _, key = await make_key(redis, own, plan="small")
+    app = Meterwall(api_app, settings=own, clock=clock)
+    async with LifespanManager(app):
+        first = await send(app, key, 2, "/x")  # 1 unit each
+        heavy = await send(app, key, 1, "/items/1")  # 3 units: only 2 left
+        last = await send(app, key, 3, "/x")
+    assert [r.status_code for r in first + heavy + last] == [200, 200, 429, 200, 200, 429]
+    end_of_month = int(datetime(2027, 6, 1, tzinfo=UTC).timestamp())
+    assert heavy[0].headers["retry-after"] == str(end_of_month - T0 // 10**9)
+    assert heavy[0].json()["type"].endswith("/quota-exceeded")
+    assert last[-1].headers["ratelimit"] == f'"quota";r=0;t={end_of_month - T0 // 10**9}'
+    assert first[0].headers["ratelimit-policy"] == f'"quota";q=4;w={31 * 86400}'
+    quota = await redis.hgetall(month_quota(own, "acme", "2027-05"))
+    assert quota == {b"used": b"4"}  # shutdown settled every lease: exactly what was spent
+    checks = {c.name: c for c in await Auditor(redis, own.keyspace()).run()}
+    assert checks["plaintext"].ok, checks["plaintext"].problems  # no id or key in limit state
+
+
+async def test_a_5xx_answer_gives_its_units_back(redis, settings) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def broken(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("no", status_code=503)
+
+    own = limited(settings, "small: 2 requests/month", default_plan="small")
+    _, key = await make_key(redis, own)
+    app = Meterwall(Starlette(routes=[Route("/broken", broken)]), settings=own,
+                    clock=FixedClock(T0))  # fmt: skip
+    async with LifespanManager(app):
+        statuses = [r.status_code for r in await send(app, key, 5, "/broken")]
+    assert statuses == [503] * 5  # never billable, never counted against the quota
+    assert await redis.hget(month_quota(own, "acme", "2027-05"), "used") == b"0"
+
+
+async def test_limits_follow_the_failure_policy_when_redis_goes(settings) -> None:
+    from meterwall.embedded import EmbeddedRedis
+
+    for policy, expected in (("open", 200), ("closed", 503)):
+        server = EmbeddedRedis().start()
+        try:
+            own = limited(settings, "free: 100/s", default_plan="free", redis_url=server.url,
+                          access_on_redis_error=policy, flush_interval=60)  # fmt: skip
+            client = __import__("redis.asyncio", fromlist=["Redis"]).Redis.from_url(server.url)
+            _, key = await make_key(client, own)
+            await client.aclose()
+            app = Meterwall(api_app, settings=own)
+            [before] = await send(app, key, 1)
+            assert before.status_code == 200
+            assert "ratelimit" in before.headers
+            server.stop()
+            assert app.access is not None
+            assert app.access.limiter is not None
+            app.access.limiter._tokens.clear()  # nothing leased: the next request needs Redis
+            after = await send(app, key, 2)
+            assert [r.status_code for r in after] == [expected] * 2
+            assert all(r.headers["meterwall-degraded"] == "access-store-unavailable" for r in after)
+            assert "ratelimit" not in after[0].headers
+            assert app.access.degraded_decisions == 2
+            await app.aclose(timeout=0.5)
+        finally:
+            server.stop()
+
+
+async def test_one_request_left_admits_exactly_one_of_50_across_two_processes(
+    redis, settings
+) -> None:
+    own = limited(settings, "q: 1000 requests/month", default_plan="q")
+    _, key = await make_key(redis, own)
+    month = datetime.now(UTC).strftime("%Y-%m")
+    await redis.hset(month_quota(own, "acme", month), "used", 999)
+    servers, ports = await serve(served(own), 2)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def one(n: int) -> int:
+                url = f"http://127.0.0.1:{ports[n % 2]}/echo/{n}"
+                return (await client.post(url, headers={"X-API-Key": key})).status_code
+
+            statuses = await asyncio.gather(*(one(n) for n in range(50)))
+    finally:
+        await stop(servers, signal.SIGTERM)
+    assert sorted(statuses) == [200] + [429] * 49
+    assert await redis.hgetall(month_quota(own, "acme", month)) == {b"used": b"1000"}
+
+
+async def test_a_killed_workers_lease_comes_back_after_its_deadline(redis, settings) -> None:
+    own = limited(settings, "q: 1000 requests/month", default_plan="q")
+    _, key = await make_key(redis, own)
+    month = datetime.now(UTC).strftime("%Y-%m")
+    quota_key = month_quota(own, "acme", month)
+    servers, ports = await serve(served(own), 1)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for n in range(3):
+                reply = await client.post(f"http://127.0.0.1:{ports[0]}/echo/{n}",
+                                          headers={"X-API-Key": key})  # fmt: skip
+                assert reply.status_code == 200
+    finally:
+        await stop(servers, signal.SIGKILL)  # no shutdown: the lease is never settled
+    held = await redis.hgetall(quota_key)
+    leased = int(held[b"used"])
+    leases = [v.split(b":") for f, v in held.items() if f.startswith(b"l:")]
+    reported = sum(int(lease[1]) for lease in leases)
+    deadline = max(int(lease[2]) for lease in leases) / 1000
+    assert leased >= 3
+    assert leases
+    early = limiter_at(own, redis, deadline - 1)
+    assert not (await early.admit("acme", "", "/echo/1")).reason
+    assert int(await redis.hget(quota_key, "used")) == leased + 8  # not reclaimed yet
+    await early.aclose()  # settles: 1 spent, 7 back
+    assert int(await redis.hget(quota_key, "used")) == leased + 1
+    late = limiter_at(own, redis, deadline + 1)
+    assert not (await late.admit("acme", "", "/echo/1")).reason
+    assert int(await redis.hget(quota_key, "used")) == reported + 1 + 8  # the rest came back
+    assert len([f for f in await redis.hkeys(quota_key) if f.startswith(b"l:")]) == 1
+
+
+def limiter_at(own: Settings, redis: Any, at: float) -> Limiter:
+    """Another worker, its clock at wall time ``at`` (the lease script uses that time too)."""
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
+                      clock=FixedClock(int(at * 1e9)))  # fmt: skip
+    limiter.bind(redis)
+    return limiter
+
+
+def served(own: Settings) -> dict[str, str]:
+    assert own.pseudonym_secret is not None
+    return {"MW_REDIS_URL": own.redis_url, "MW_KEY_PREFIX": own.key_prefix,
+            "MW_RECORD_PUBLIC_KEY": own.record_public_key or "", "MW_ACCESS": "keys",
+            "MW_PSEUDONYM_SECRET": base64.b64encode(own.pseudonym_secret.reveal()).decode(),
+            "MW_PLANS": own.plans, "MW_DEFAULT_PLAN": own.default_plan}  # fmt: skip
