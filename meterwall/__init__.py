@@ -1,5 +1,6 @@
 """meterwall: privacy-first API gateway middleware (metering, sealed 24-hour records) on Redis."""
 
+from .apikeys import KeyStore
 from .clock import Clock, FixedClock, SystemClock
 from .errors import (
     ConfigurationError,
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigurationError",
     "FixedClock",
     "InvalidRecord",
+    "KeyStore",
     "Meterwall",
     "MeterwallError",
     "RetentionExceeded",

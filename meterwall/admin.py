@@ -26,7 +26,6 @@ from .consumers import Consumer, ConsumerRegistry, check_consumer_id
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .periods import adjustments, close_period
-from .pseudonyms import derive
 from .settings import Settings
 from .store import connect
 from .usage import DIMENSIONS, UsageReader
@@ -173,9 +172,7 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
         return JSONResponse(_consumer(updated))
 
     def key_store() -> KeyStore:
-        if settings.pseudonym_secret is None:
-            raise ConfigurationError("MW_PSEUDONYM_SECRET", "is not set on the admin server")
-        return KeyStore(client(), keyspace, derive(settings.pseudonym_secret.reveal(), "api-keys"))
+        return KeyStore.for_settings(client(), settings)
 
     async def keys_list(request: Request) -> Response:
         found = await key_store().all(request.query_params.get("consumer"))

@@ -19,12 +19,16 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from ipaddress import ip_network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .errors import ConfigurationError
 from .keyspace import Keyspace
+from .pseudonyms import derive
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 _ALPHABET = string.digits + string.ascii_letters
 _SHAPE = re.compile(r"^mw_(live|test)_([0-9a-f]{12})_([0-9A-Za-z]{32})([0-9A-Za-z]{6})$")
@@ -103,6 +107,15 @@ class KeyStore:
         self._redis = redis
         self._keyspace = keyspace
         self._server_key = server_key
+
+    @classmethod
+    def for_settings(cls, redis: Any, settings: Settings) -> KeyStore:
+        """The store of a deployment; raises ``ConfigurationError`` without MW_PSEUDONYM_SECRET."""
+        if settings.pseudonym_secret is None:
+            raise ConfigurationError("MW_PSEUDONYM_SECRET", "is required to manage API keys")
+        return cls(
+            redis, settings.keyspace(), derive(settings.pseudonym_secret.reveal(), "api-keys")
+        )
 
     def digest(self, full_key: str) -> str:
         return hmac.new(self._server_key, full_key.encode(), hashlib.sha256).hexdigest()

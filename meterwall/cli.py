@@ -28,7 +28,6 @@ from .apikeys import KeyStore
 from .consumers import Consumer, ConsumerRegistry, check_consumer_id
 from .errors import ConfigurationError, MeterwallError
 from .periods import adjustments, close_period
-from .pseudonyms import derive
 from .retention import Auditor, failed, purge
 from .sealing import generate_keypair
 from .settings import Settings, parse_duration
@@ -348,10 +347,7 @@ def keys() -> None:
 
 
 def _key_store(redis: Any, settings: Settings) -> KeyStore:
-    if settings.pseudonym_secret is None:
-        raise ConfigurationError("MW_PSEUDONYM_SECRET", "is required to manage API keys")
-    server_key = derive(settings.pseudonym_secret.reveal(), "api-keys")
-    return KeyStore(redis, settings.keyspace(), server_key)
+    return KeyStore.for_settings(redis, settings)
 
 
 @keys.command("create")
