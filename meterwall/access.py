@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from .apikeys import ApiKey, KeyStore
+from .consumers import ConsumerRegistry
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .limits import Limiter
@@ -34,6 +35,8 @@ from .types import Scope, Send
 log = logging.getLogger("meterwall")
 
 CACHE_SECONDS = 30.0
+REGISTRY_SECONDS = 10.0
+Networks = tuple[IPv4Network | IPv6Network, ...]
 NEGATIVE_CACHE_SECONDS = 5.0
 _CACHE_LIMIT = 65536
 _SEGMENT = re.compile(r"\{[^/{}]+\}")
@@ -111,6 +114,9 @@ class AccessControl:
         self._timeout = timeout
         self.limiter = limiter if limiter is not None and limiter.active else None
         self._query = query_parameter
+        self._fences: dict[str, tuple[Networks, Networks]] | None = None  # consumer: allow, deny
+        self._refresh: asyncio.Task[None] | None = None
+        self._registry_due = 0.0
         self._used: dict[str, int] = {}  # key id -> minute of its last 'last used' write
         self._background: set[asyncio.Task[Any]] = set()
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
@@ -177,6 +183,9 @@ class AccessControl:
             return Decision(401, state, key)
         if key.cidrs and not self._network_ok(client[0] if client else None, key.cidrs):
             return Decision(403, "network", key)
+        fence = await self._consumer_networks(key.consumer)
+        if fence is not None and not _fenced_ok(client[0] if client else None, *fence):
+            return Decision(403, "network", key)
         if rule is not None and not rule.public and not rule.scopes <= set(key.scopes):
             return Decision(403, "scope", key)
         self._touch(key.id, int(now) // 60)
@@ -237,20 +246,40 @@ class AccessControl:
                     return value.strip()
         return None
 
+    async def _consumer_networks(self, consumer: str) -> tuple[Networks, Networks] | None:
+        """The consumer's own allow and deny lists, from a snapshot of the (small) fence hash.
+
+        The first snapshot is awaited; later ones are read in the background every
+        ``REGISTRY_SECONDS`` and at once when a change is published. If Redis cannot be read,
+        the last snapshot stays in force.
+        """
+        if self._fences is None:
+            await self._read_fences()
+        elif time.monotonic() >= self._registry_due and self._refresh is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._read_fences())
+        return (self._fences or {}).get(consumer)
+
+    async def _read_fences(self) -> None:
+        self._registry_due = time.monotonic() + REGISTRY_SECONDS
+        try:
+            fences = await ConsumerRegistry(self._redis, self._keyspace).fences()
+        except Exception as exc:
+            log.warning("meterwall: could not read the consumers' networks: %s", exc)
+            if self._fences is None:
+                self._registry_due = 0.0  # nothing known yet: try again with the next request
+        else:
+            self._fences = {c: (tuple(map(ip_network, a)), tuple(map(ip_network, d)))
+                            for c, (a, d) in fences.items()}  # fmt: skip
+        finally:
+            self._refresh = None
+
     def _network_ok(self, address: str | None, cidrs: Sequence[str]) -> bool:
+        """The global lists, then the key's own networks (one client, whichever IP form)."""
         if not (self._allow or self._deny or cidrs):
             return True
-        try:
-            ip: IPv4Address | IPv6Address = ip_address(address or "")
-        except ValueError:
+        if not _fenced_ok(address, self._allow, self._deny):
             return False
-        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # one client, whichever form the server reports
-        if any(ip in net for net in self._deny):
-            return False
-        if self._allow and not any(ip in net for net in self._allow):
-            return False
-        return not cidrs or any(ip in ip_network(c) for c in cidrs)
+        return not cidrs or _fenced_ok(address, tuple(ip_network(c) for c in cidrs), ())
 
     def _remember(self, digest: str, key: ApiKey | None, state: str) -> None:
         if len(self._cache) >= _CACHE_LIMIT:
@@ -267,7 +296,11 @@ class AccessControl:
                     self.listening.set()
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            self.forget(message["data"].decode())
+                            changed = message["data"].decode()
+                            if changed.startswith("consumer:"):
+                                await self._read_fences()  # a consumer's networks changed
+                            else:
+                                self.forget(changed)
                             self.key_events += 1
                             self.key_event.set()
             except asyncio.CancelledError:
@@ -283,6 +316,9 @@ class AccessControl:
     async def aclose(self) -> None:
         if self.limiter is not None and self._redis is not None:
             await self.limiter.aclose()
+        if self._refresh is not None:
+            with contextlib.suppress(Exception):
+                await self._refresh
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
@@ -296,6 +332,16 @@ class AccessControl:
                 with contextlib.suppress(Exception):  # closing a client of a closed loop
                     await client.aclose()
         self._redis = self._listener_client = None
+
+
+def _fenced_ok(address: str | None, allow: Networks, deny: Networks) -> bool:
+    try:
+        ip: IPv4Address | IPv6Address = ip_address(address or "")
+    except ValueError:
+        return False
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # one client, whichever form the server reports
+    return not any(ip in net for net in deny) and (not allow or any(ip in net for net in allow))
 
 
 async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:

@@ -164,11 +164,13 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
             body = orjson.loads(await request.body() or b"{}")
         except orjson.JSONDecodeError:
             return bad_parameter("body", "not JSON")
-        if not isinstance(body, dict) or set(body) - {"name", "tz"}:
-            return bad_parameter("body", "an object with optional 'name' and 'tz'")
+        if not isinstance(body, dict) or set(body) - {"name", "tz", "allow", "deny"}:
+            return bad_parameter("body", "an object with optional 'name', 'tz', 'allow', 'deny'")
         updated = await ConsumerRegistry(client(), keyspace).set(
-            request.path_params["consumer"], name=body.get("name"), tz=body.get("tz")
-        )
+            request.path_params["consumer"], name=body.get("name"), tz=body.get("tz"),
+            allow=_strings(body, "allow") if "allow" in body else None,
+            deny=_strings(body, "deny") if "deny" in body else None,
+        )  # fmt: skip
         return JSONResponse(_consumer(updated))
 
     def key_store() -> KeyStore:
@@ -253,6 +255,8 @@ def _consumer(consumer: Consumer) -> dict[str, Any]:
         "tz": consumer.tz,
         "next_tz": consumer.next_tz or None,
         "next_from": consumer.next_from or None,
+        "allow": list(consumer.allow),
+        "deny": list(consumer.deny),
     }
 
 
@@ -321,7 +325,11 @@ OPENAPI: dict[str, Any] = {
         },
         "/consumers": {"get": _op("The consumer registry", "admin", [])},
         "/consumers/{consumer}": {
-            "put": _op("Create or change a consumer (JSON name, tz)", "admin", [_CONSUMER])
+            "put": _op(
+                "Create or change a consumer (JSON name, tz, allow, deny: CIDR lists)",
+                "admin",
+                [_CONSUMER],
+            )
         },
         "/keys": {
             "get": _op("API keys (never a secret)", "admin", [_param("consumer", "consumer id")]),

@@ -185,12 +185,22 @@ def consumers() -> None:
 @click.argument("consumer")
 @click.option("--name", help="Display name.")
 @click.option("--tz", help="IANA billing time zone; a change takes effect next month.")
+@click.option("--allow", help="Networks its keys may be used from, comma-separated ('' clears).")
+@click.option("--deny", help="Networks its keys may never be used from ('' clears).")
 @run_async
-async def consumers_set(consumer: str, name: str | None, tz: str | None) -> None:
-    """Create or change a consumer."""
+async def consumers_set(
+    consumer: str, name: str | None, tz: str | None, allow: str | None, deny: str | None
+) -> None:
+    """Create or change a consumer (every worker sees a network change at once)."""
     async with _reader() as (redis, settings):
-        updated = await ConsumerRegistry(redis, settings.keyspace()).set(consumer, name=name, tz=tz)
+        updated = await ConsumerRegistry(redis, settings.keyspace()).set(
+            consumer, name=name, tz=tz, allow=_list(allow), deny=_list(deny)
+        )
     _emit([_consumer_row(updated)], "table", "consumer")
+
+
+def _list(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
 @consumers.command("show")
@@ -225,6 +235,7 @@ def _consumer_row(consumer: Consumer) -> dict[str, Any]:
         if consumer.next_tz
         else None
     )
+    row["allow"], row["deny"] = ",".join(consumer.allow), ",".join(consumer.deny)
     return row
 
 

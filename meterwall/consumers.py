@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from ipaddress import ip_network
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -39,6 +41,13 @@ def check_consumer_id(consumer: str, *, setting: str = "consumer") -> str:
     return consumer
 
 
+def _network(text: str, setting: str) -> str:
+    try:
+        return str(ip_network(text.strip()))
+    except ValueError:
+        raise ConfigurationError(setting, f"{text!r} is not a network (CIDR)") from None
+
+
 def next_month_start(year: int, month: int, zone_name: str) -> int:
     """Unix time of local midnight on the first day of the month after ``year-month``."""
     year, month = divmod(year * 12 + month, 12)
@@ -54,6 +63,14 @@ class Consumer:
     tz: str = "UTC"
     next_tz: str = ""
     next_from: int = 0
+    allow: tuple[str, ...] = ()  # networks this consumer's keys may be used from (empty: any)
+    deny: tuple[str, ...] = ()  # networks they may never be used from
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Consumer:
+        data = orjson.loads(raw)
+        data["allow"], data["deny"] = tuple(data.get("allow", ())), tuple(data.get("deny", ()))
+        return cls(**data)
 
     def tz_at(self, time_s: int) -> str:
         """The billing zone in force at ``time_s``."""
@@ -63,15 +80,15 @@ class Consumer:
         """This consumer with a new name and/or zone; a new zone waits for the next month."""
         new = self
         if name is not None:
-            new = Consumer(new.id, name, new.tz, new.next_tz, new.next_from)
+            new = replace(new, name=name)
         if tz is not None:
             zone(tz)
             current = new.tz_at(now_s)
             if tz == current:
-                return Consumer(new.id, new.name, current)
+                return replace(new, tz=current, next_tz="", next_from=0)
             local = datetime.fromtimestamp(now_s, ZoneInfo(current))
             start = next_month_start(local.year, local.month, current)
-            new = Consumer(new.id, new.name, current, tz, start)
+            new = replace(new, tz=current, next_tz=tz, next_from=start)
         return new
 
 
@@ -81,28 +98,55 @@ class ConsumerRegistry:
     def __init__(self, redis: Any, keyspace: Keyspace) -> None:
         self._redis = redis
         self._key = keyspace.consumers()
+        self._events = keyspace.key_events()
+        self._fences = keyspace.consumer_networks()
 
     async def get(self, consumer: str) -> Consumer | None:
         raw = await self._redis.hget(self._key, consumer)
-        return None if raw is None else Consumer(**orjson.loads(raw))
+        return None if raw is None else Consumer.from_json(raw)
 
     async def set(
         self, consumer: str, *, name: str | None = None, tz: str | None = None,
+        allow: Sequence[str] | None = None, deny: Sequence[str] | None = None,
         now_s: int | None = None,
     ) -> Consumer:  # fmt: skip
-        """Create or change a consumer. Raises ``ConfigurationError`` for a bad id or zone."""
+        """Create or change a consumer; ``allow``/``deny`` replace its networks when given.
+
+        Raises ``ConfigurationError`` for a bad id, zone or network. A change is published, so
+        every worker's access check sees it at once.
+        """
         check_consumer_id(consumer)
         if tz is not None:
             zone(tz)
+        allowed = None if allow is None else tuple(_network(c, "allow") for c in allow)
+        denied = None if deny is None else tuple(_network(c, "deny") for c in deny)
         now_s = int(time.time()) if now_s is None else now_s
         current = await self.get(consumer)
         if current is None:
             updated = Consumer(consumer, name or "", tz or "UTC")
         else:
             updated = current.changed(name=name, tz=tz, now_s=now_s)
-        await self._redis.hset(self._key, consumer, orjson.dumps(asdict(updated)))
+        if allowed is not None:
+            updated = replace(updated, allow=allowed)
+        if denied is not None:
+            updated = replace(updated, deny=denied)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key, consumer, orjson.dumps(asdict(updated)))
+            if updated.allow or updated.deny:
+                fence = {"allow": list(updated.allow), "deny": list(updated.deny)}
+                pipe.hset(self._fences, consumer, orjson.dumps(fence))
+            else:
+                pipe.hdel(self._fences, consumer)
+            pipe.publish(self._events, "consumer:" + consumer)
+            await pipe.execute()
         return updated
+
+    async def fences(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Consumer -> (allowed, denied) networks, for the consumers that have any."""
+        raw = await self._redis.hgetall(self._fences)
+        parsed = {k.decode(): orjson.loads(v) for k, v in raw.items()}
+        return {c: (f["allow"], f["deny"]) for c, f in parsed.items()}
 
     async def all(self) -> dict[str, Consumer]:
         raw = await self._redis.hgetall(self._key)
-        return {k.decode(): Consumer(**orjson.loads(v)) for k, v in raw.items()}
+        return {k.decode(): Consumer.from_json(v) for k, v in raw.items()}

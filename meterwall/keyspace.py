@@ -113,6 +113,10 @@ class Keyspace:
     def consumers(self) -> str:
         return f"{self.prefix}:consumers"
 
+    def consumer_networks(self) -> str:
+        """Hash: consumer id -> its allowed and denied networks (only consumers that have any)."""
+        return f"{self.prefix}:consumer-networks"
+
     def api_key(self, key_id: str) -> str:
         """One API key's metadata and keyed hash (never the key itself)."""
         return f"{self.prefix}:key:{key_id}"

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from meterwall import Meterwall
 from meterwall.apikeys import KeyStore, new_key, parse_key
 from meterwall.embedded import EmbeddedRedis
+from meterwall.errors import ConfigurationError
 from meterwall.pseudonyms import derive
 from meterwall.reader import RecordReader
 from meterwall.retention import key_parts
@@ -105,18 +106,22 @@ async def test_every_answer_with_its_headers_and_body(redis, access_settings) ->
     assert sum(r["denied"] for r in rows) == 3  # scope, network, expired (all known keys)
 
 
-async def test_the_key_is_never_in_redis_and_records_say_the_decision(
-    redis, access_settings, private_key
+async def test_the_key_is_never_in_redis_or_logs_and_records_say_the_decision(
+    redis, access_settings, private_key, caplog
 ) -> None:
     _, full = await make_key(redis, access_settings)
     app = Meterwall(api_app, settings=access_settings)
-    await call(app, ("GET", "/items/9", {"Authorization": f"Bearer {full}"}), ("GET", "/x", {}))
+    with caplog.at_level("DEBUG"):
+        await call(app, ("GET", "/items/9", {"Authorization": f"Bearer {full}"}),
+                   ("GET", "/x", {}), ("GET", "/x", {"X-API-Key": typo(full)}))  # fmt: skip
+    assert caplog.records  # something was logged at DEBUG, and none of it holds the key
+    assert full.rsplit("_", 1)[1][:-6] not in caplog.text
     secret_part = full.rsplit("_", 1)[1].encode()
     async for key in redis.scan_iter(match=f"{access_settings.key_prefix}:*"):
         blob = key + b"".join(value for _, value in await key_parts(redis, key))
         assert secret_part not in blob
     records = await RecordReader(redis, access_settings, private_key).records()
-    assert sorted(r["decision"] for r in records) == ["admitted", "missing-key"]
+    assert sorted(r["decision"] for r in records) == ["admitted", "malformed", "missing-key"]
     admitted = next(r for r in records if r["decision"] == "admitted")
     assert admitted["consumer"] == "acme"
     assert "Bearer fp:" in dict(admitted["headers"])["authorization"]
@@ -236,3 +241,54 @@ async def test_a_query_string_key_only_when_enabled_and_never_kept(
     )
     used = (await store.get(meta.id)).last_used  # written in the background, once a minute
     assert abs(used - time.time()) < 120
+
+
+async def test_a_consumers_networks_apply_to_all_its_keys_and_changes_arrive_at_once(
+    redis, access_settings
+) -> None:
+    from meterwall.consumers import ConsumerRegistry
+
+    registry = ConsumerRegistry(redis, access_settings.keyspace())
+    await registry.set("acme", allow=["10.0.0.0/8"], deny=["10.9.0.0/16"])
+    _, key = await make_key(redis, access_settings)
+    app = Meterwall(api_app, settings=access_settings)
+    headers = {"X-API-Key": key}
+
+    async def status(client_ip: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(client_ip, 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            return (await client.get("/items/1", headers=headers)).status_code
+
+    async with LifespanManager(app):
+        assert [await status(ip) for ip in ("10.1.2.3", "::ffff:10.1.2.3", "127.0.0.1",
+                                            "10.9.1.1")] == [200, 200, 403, 403]  # fmt: skip
+        assert app.access is not None
+        await asyncio.wait_for(app.access.listening.wait(), timeout=1.0)
+        app.access.key_event.clear()
+        await registry.set("acme", allow=[], deny=[])  # published to every worker
+        await asyncio.wait_for(app.access.key_event.wait(), timeout=1.0)
+        assert await status("127.0.0.1") == 200
+    with pytest.raises(ConfigurationError) as caught:
+        await registry.set("acme", allow=["10.0.0.300/8"])
+    assert caught.value.setting == "allow"
+
+
+async def test_a_revocation_reaches_another_worker_process_within_a_second(
+    redis, access_settings
+) -> None:
+    from tests.helpers import serve, stop
+    from tests.test_limits import served
+
+    meta, full = await make_key(redis, access_settings)
+    servers, [port] = await serve(served(access_settings), 1)
+    url, headers = f"http://127.0.0.1:{port}/echo/1", {"X-API-Key": full}
+    try:
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.post(url, headers=headers)).status_code == 200  # now cached
+            await KeyStore.for_settings(redis, access_settings).revoke(meta.id)
+            deadline = time.monotonic() + 1.0
+            while (reply := await client.post(url, headers=headers)).status_code == 200:
+                assert time.monotonic() < deadline, "still admitted a second after revocation"
+            assert (reply.status_code, reply.json()["detail"]) == (401, "revoked")
+    finally:
+        await stop(servers)
