@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,11 +24,12 @@ from starlette.routing import Route
 
 from .apikeys import KeyStore
 from .consumers import Consumer, ConsumerRegistry, check_consumer_id
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RetentionExceeded
 from .keyspace import Keyspace
 from .periods import adjustments, close_period
-from .settings import Settings
+from .settings import Settings, parse_duration
 from .store import connect
+from .tracing import TraceQuery, Tracer, parse_instant
 from .usage import DIMENSIONS, UsageReader
 
 Role = Literal["billing", "security", "admin"]
@@ -84,8 +86,14 @@ def bad_parameter(name: str, reason: str) -> JSONResponse:
     )
 
 
-def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
-    """The admin API for one deployment. ``redis`` defaults to a client for ``MW_REDIS_URL``."""
+def admin_app(
+    settings: Settings, *, redis: Any = None, private_key: X25519PrivateKey | None = None
+) -> Starlette:
+    """The admin API for one deployment. ``redis`` defaults to a client for ``MW_REDIS_URL``.
+
+    ``private_key`` (the reader side's, from ``MW_RECORD_PRIVATE_KEY_FILE``) enables the
+    security routes; without it they answer 503.
+    """
     state: dict[str, Any] = {"redis": redis}
     keyspace = settings.keyspace()
 
@@ -102,8 +110,11 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
                 return problem(401, "Unauthorized", "a valid bearer token is required")
             if entry["role"] != role:
                 return problem(403, "Forbidden", f"this route needs the {role} role")
+            request.state.actor = "token:" + str(entry.get("name", ""))
             try:
                 return await handler(request)
+            except RetentionExceeded as exc:
+                return bad_parameter("since", str(exc))
             except ConfigurationError as exc:
                 if exc.setting == "key id":
                     return problem(404, "Not Found", exc.problem)
@@ -207,6 +218,25 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
         meta, full = await key_store().rotate(request.path_params["key_id"], grace)
         return JSONResponse({"key": full, **meta.public()})
 
+    async def trace(request: Request) -> Response:
+        if private_key is None:
+            return problem(503, "Service Unavailable",
+                           "MW_RECORD_PRIVATE_KEY_FILE is not set on the admin server")  # fmt: skip
+        params = request.query_params
+        since = params.get("since")
+        query = TraceQuery(
+            ip=params.get("ip"), subnet=params.get("subnet"), consumer=params.get("consumer"),
+            key_id=params.get("key_id"), route=params.get("route"), status=params.get("status"),
+            since_ns=int((time.time() - parse_duration("since", since)) * 1e9) if since
+            else parse_instant("from", params.get("from")),
+            until_ns=parse_instant("to", params.get("to")),
+        )  # fmt: skip
+        tracer = Tracer(client(), settings, private_key, actor=request.state.actor)
+        found = await tracer.trace(query)
+        return JSONResponse(
+            {"query": found.query, "summary": found.summary(), "records": found.records}
+        )
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
@@ -219,6 +249,7 @@ def admin_app(settings: Settings, *, redis: Any = None) -> Starlette:
         Route("/periods/{period}/close", guarded("billing", close), methods=["POST"]),
         Route("/consumers", guarded("admin", consumers_list)),
         Route("/consumers/{consumer}", guarded("admin", consumer_put), methods=["PUT"]),
+        Route("/trace", guarded("security", trace)),
         Route("/keys", guarded("admin", keys_list)),
         Route("/keys", guarded("admin", key_create), methods=["POST"]),
         Route("/keys/{key_id}/revoke", guarded("admin", key_revoke), methods=["POST"]),
@@ -329,6 +360,23 @@ OPENAPI: dict[str, Any] = {
                 "Create or change a consumer (JSON name, tz, allow, deny: CIDR lists)",
                 "admin",
                 [_CONSUMER],
+            )
+        },
+        "/trace": {
+            "get": _op(
+                "A subject's records within the retention window, opened (audited)",
+                "security",
+                [
+                    _param("ip", "an IP address"),
+                    _param("subnet", "a network (CIDR)"),
+                    _param("consumer", "consumer id"),
+                    _param("key_id", "API key id"),
+                    _param("route", "route template filter"),
+                    _param("status", "status (429) or class (5xx) filter"),
+                    _param("since", "how far back, e.g. 6h (default: the whole window)"),
+                    _param("from", "start, ISO 8601 (instead of since)"),
+                    _param("to", "end, ISO 8601 (default: now)"),
+                ],
             )
         },
         "/keys": {

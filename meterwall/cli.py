@@ -330,8 +330,12 @@ def admin(ctx: click.Context, host: str, port: int) -> None:
 
     from .admin import admin_app
 
+    key = private_key_from(None) if os.environ.get("MW_RECORD_PRIVATE_KEY_FILE") else None
     click.echo(f"meterwall admin API on http://{host}:{port} (OpenAPI: /openapi.json)", err=True)
-    uvicorn.run(admin_app(reader_settings()), host=host, port=port, log_level="warning")
+    if key is None:
+        click.echo("security routes off: MW_RECORD_PRIVATE_KEY_FILE is not set", err=True)
+    app = admin_app(reader_settings(), private_key=key)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @admin.group()
@@ -434,6 +438,119 @@ async def keys_rotate(key_id: str, grace: str) -> None:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     yield
+
+
+def private_key_from(path: Path | None) -> Any:
+    """The reader side's private key: ``--private-key`` or ``MW_RECORD_PRIVATE_KEY_FILE``.
+
+    App servers never have it, so a writer-side configuration cannot open or trace records.
+    """
+    from .sealing import load_private_key
+
+    setting = "--private-key" if path is not None else "MW_RECORD_PRIVATE_KEY_FILE"
+    if path is None:
+        named = os.environ.get("MW_RECORD_PRIVATE_KEY_FILE", "").strip()
+        if not named:
+            raise ConfigurationError(
+                "MW_RECORD_PRIVATE_KEY_FILE",
+                "is not set: opening records needs the private key from `meterwall keygen` "
+                "(the reader side's; app servers never hold it), or pass --private-key",
+            )
+        path = Path(named)
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(setting, f"cannot read {path}: {exc.strerror}") from None
+    return load_private_key(pem, setting=setting)
+
+
+def _time_range(
+    since: str | None, start: str | None, end: str | None
+) -> tuple[int | None, int | None]:
+    """(since_ns, until_ns) from ``--since 6h`` or ``--from``/``--to`` (ISO 8601, UTC default)."""
+    if since and (start or end):
+        raise ConfigurationError("--since", "give --since or --from/--to, not both")
+    if since:
+        return int((time.time() - parse_duration("--since", since)) * 1e9), None
+    from .tracing import parse_instant
+
+    return parse_instant("--from", start), parse_instant("--to", end)
+
+
+def _iso_ms(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+@cli.command()
+@click.option("--ip", help="An IP address (searched by its pseudonyms).")
+@click.option(
+    "--subnet", help="A network in CIDR form (/16 to /32 for IPv4, /40 to /128 for IPv6)."
+)
+@click.option("--consumer")
+@click.option("--key-id")
+@click.option("--route", help="Only this route template (e.g. /items/{id}).")
+@click.option("--status", help="Only this status (429) or class (5xx).")
+@click.option("--since", help="How far back, e.g. 6h (default: the whole retention window).")
+@click.option("--from", "start", help="Start (ISO 8601, UTC unless an offset is given).")
+@click.option("--to", "end", help="End (ISO 8601).")
+@click.option("--private-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Default: MW_RECORD_PRIVATE_KEY_FILE.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "json"]), default="table",
+              show_default=True, help="table: a timeline; jsonl: every opened record.")  # fmt: skip
+@run_async
+async def trace(
+    ip: str | None, subnet: str | None, consumer: str | None, key_id: str | None,
+    route: str | None, status: str | None, since: str | None, start: str | None,
+    end: str | None, private_key: Path | None, fmt: str,
+) -> None:  # fmt: skip
+    """What an IP, subnet, consumer or key did within the retention window (audited)."""
+    from .tracing import TraceQuery, Tracer
+
+    since_ns, until_ns = _time_range(since, start, end)
+    query = TraceQuery(ip, subnet, consumer, key_id, route, status, since_ns, until_ns)
+    query.check()
+    key = private_key_from(private_key)
+    async with _reader() as (redis, settings):
+        found = await Tracer(redis, settings, key).trace(query)
+    if fmt == "jsonl":
+        for record in found.records:
+            click.echo(orjson.dumps(record).decode())
+        return
+    if fmt == "json":
+        document = {"query": found.query, "summary": found.summary(), "records": found.records}
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return
+    rows = [{"time": _iso_ms(r["time_ns"]),
+             "method": r["method"], "route": r["route"], "status": r["status"],
+             "ms": r["duration_ms"], "consumer": r["consumer"], "key_id": r["key_id"],
+             "decision": r["decision"]} for r in found.records]  # fmt: skip
+    _emit(rows, "table", f"trace: {len(rows)} requests")
+    summary = found.summary()
+    click.echo(f"statuses {summary['statuses']}; routes {len(summary['routes'])}; "
+               f"denials {summary['denials'] or 'none'}; busiest minute "
+               f"{max(summary['requests_per_minute'].values(), default=0)} requests")  # fmt: skip
+
+
+@cli.command("audit-log")
+@click.option("--since", help="How far back, e.g. 30d (default: everything kept).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)  # fmt: skip
+@run_async
+async def audit_log(since: str | None, fmt: str) -> None:
+    """Every trace, export, erase and restrict: who, when, what, how many records opened."""
+    from .auditlog import AuditLog
+
+    since_s = time.time() - parse_duration("--since", since) if since else None
+    async with _reader() as (redis, settings):
+        entries = await AuditLog(redis, settings).entries(since_s)
+    if fmt == "json":
+        click.echo(orjson.dumps(entries, option=orjson.OPT_INDENT_2).decode())
+        return
+    rows = [{"at": datetime.fromtimestamp(e["at"], UTC).isoformat(timespec="seconds"),
+             "actor": e["actor"], "action": e["action"],
+             "query": orjson.dumps(e["query"]).decode(), "opened": e["opened"]}
+            for e in entries]  # fmt: skip
+    _emit(rows, "table", "audit log")
 
 
 @contextlib.asynccontextmanager

@@ -68,6 +68,11 @@ class Meterwall:
         self._access_loop: asyncio.AbstractEventLoop | None = None
         for note in self.settings.weakened():
             log.warning("meterwall: weaker than the default: %s", note)
+        if os.environ.get("MW_RECORD_PRIVATE_KEY_FILE"):
+            log.warning(
+                "meterwall: MW_RECORD_PRIVATE_KEY_FILE is set on an app server: the private key "
+                "belongs to the reader side (trace, admin security routes) only; remove it here"
+            )
         if self.settings.records == "off":
             log.warning("meterwall: MW_RECORDS=off: no raw records are kept, only counts")
         _INSTANCES.add(self)

@@ -40,6 +40,7 @@ class RecordReader:
         self._retention_ns = int(settings.raw_retention * NS)
         self._opener = RecordOpener(private_key)
         self._clock = clock
+        self._wrapped: dict[tuple[int, bytes], bytes] = {}  # data keys as read (still wrapped)
 
     def window_start_ns(self) -> int:
         """The oldest instant a record may come from right now."""
@@ -87,9 +88,12 @@ class RecordReader:
     async def open(self, shard: int, blob: bytes) -> dict[str, Any]:
         """Open one sealed record of ``shard``; raises ``InvalidRecord``."""
         envelope = read_envelope(blob)
-        wrapped = await self._redis.get(self._keyspace.data_key(shard, envelope.key_id))
+        wrapped = self._wrapped.get((shard, envelope.key_id))
         if wrapped is None:
-            raise InvalidRecord("the record's data key is gone")
+            wrapped = await self._redis.get(self._keyspace.data_key(shard, envelope.key_id))
+            if wrapped is None:
+                raise InvalidRecord("the record's data key is gone")
+            self._wrapped[(shard, envelope.key_id)] = wrapped
         record: dict[str, Any] = orjson.loads(self._opener.open(blob, wrapped))
         return record
 

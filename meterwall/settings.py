@@ -129,6 +129,7 @@ _FROM_TEXT: dict[str, Any] = {
     "retention_day": parse_duration,
     "retention_month": parse_duration,
     "access_timeout": parse_duration,
+    "audit_log_retention": parse_duration,
     "body_limit": parse_size,
     "buffer_bytes": parse_size,
     "batch_max_records": _parse_int,
@@ -180,6 +181,7 @@ class Settings:
     plans: str = ""
     default_plan: str = ""
     api_key_query: str = ""
+    audit_log_retention: float = 396 * 86400.0
 
     def __post_init__(self) -> None:
         self._check()
@@ -253,6 +255,7 @@ class Settings:
         ):
             _check_range(name, getattr(self, name), low, 20 * 365 * 86400)  # fmt: skip
         _check_range("access_timeout", self.access_timeout, 0.01, 10)
+        _check_range("audit_log_retention", self.audit_log_retention, 86400, 20 * 365 * 86400)
         if self.access not in ("off", "keys"):
             raise ConfigurationError(env_name("access"), "must be 'off' or 'keys'")
         if self.access_on_redis_error not in ("open", "closed"):
