@@ -43,8 +43,9 @@ class LongLivedPseudonyms:
     def address(self, text: str) -> str | None:
         """``ip~<32 hex>`` for an address (IPv4-mapped IPv6 as its IPv4 form), else None."""
         ip16 = canonical_ip(text)
-        if ip16 is None:
-            return None
+        return None if ip16 is None else self.of_ip16(ip16)
+
+    def of_ip16(self, ip16: bytes) -> str:
         return "ip~" + hmac.new(self._key, ip16, hashlib.sha256).digest()[:16].hex()
 
     def network(self, text: str) -> str:

@@ -531,6 +531,108 @@ async def trace(
                f"{max(summary['requests_per_minute'].values(), default=0)} requests")  # fmt: skip
 
 
+@cli.group()
+def subject() -> None:
+    """Data-subject requests: export, erase, restrict, unrestrict (all audited)."""
+
+
+SUBJECT = [
+    click.option("--ip", help="A client IP address (verify the requester controls it first)."),
+    click.option("--consumer", help="A consumer id."),
+]
+
+
+def _subject_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SUBJECT):
+        func = option(func)
+    return func
+
+
+@subject.command("export")
+@_subject_options
+@click.option("--private-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Default: MW_RECORD_PRIVATE_KEY_FILE.")  # fmt: skip
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the bundle here (default: stdout).")  # fmt: skip
+@run_async
+async def subject_export(
+    ip: str | None, consumer: str | None, private_key: Path | None, output: Path | None
+) -> None:
+    """A JSON bundle of every raw record about the subject (opened) and its receipt."""
+    from .subjects import SubjectRights
+
+    key = private_key_from(private_key)
+    async with _reader() as (redis, settings):
+        bundle = await SubjectRights(redis, settings, key).export(ip=ip, consumer=consumer)
+    text = orjson.dumps(bundle, option=orjson.OPT_INDENT_2).decode()
+    if output is None:
+        click.echo(text)
+        return
+    await asyncio.to_thread(_write_private, output, text + "\n")
+    click.echo(f"wrote {output}: {bundle['receipt']['records']} records", err=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Personal data goes to a file only its owner can read (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
+@subject.command("erase")
+@_subject_options
+@click.option("--aggregates", is_flag=True, help="A consumer's live usage aggregates too.")
+@click.option("--closed-periods", is_flag=True, help="With --aggregates: closed months too.")
+@run_async
+async def subject_erase(
+    ip: str | None, consumer: str | None, aggregates: bool, closed_periods: bool
+) -> None:
+    """Delete the subject's raw records and index entries now, and print a receipt."""
+    from .subjects import SubjectRights
+
+    async with _reader() as (redis, settings):
+        receipt = await SubjectRights(redis, settings).erase(
+            ip=ip, consumer=consumer, aggregates=aggregates, closed_periods=closed_periods
+        )
+    click.echo(orjson.dumps(receipt, option=orjson.OPT_INDENT_2).decode())
+
+
+@subject.command("restrict")
+@_subject_options
+@run_async
+async def subject_restrict(ip: str | None, consumer: str | None) -> None:
+    """Keep no raw record of the subject from now on (counting goes on)."""
+    from .subjects import SubjectRights
+
+    async with _reader() as (redis, settings):
+        name = await SubjectRights(redis, settings).restrict(ip=ip, consumer=consumer)
+    click.echo(f"restricted {name} (every worker keeps no raw record of it within a second)")
+
+
+@subject.command("unrestrict")
+@_subject_options
+@run_async
+async def subject_unrestrict(ip: str | None, consumer: str | None) -> None:
+    """Lift a restriction."""
+    from .subjects import SubjectRights
+
+    async with _reader() as (redis, settings):
+        lifted = await SubjectRights(redis, settings).unrestrict(ip=ip, consumer=consumer)
+    click.echo("restriction lifted" if lifted else "there was no such restriction")
+
+
+@subject.command("list")
+@FORMAT
+@run_async
+async def subject_list(fmt: str) -> None:
+    """The restricted subjects (addresses as pseudonyms)."""
+    from .subjects import SubjectRights
+
+    async with _reader() as (redis, settings):
+        rows = await SubjectRights(redis, settings).restricted()
+    _emit(rows, fmt, "restricted subjects")
+
+
 @cli.command("audit-log")
 @click.option("--since", help="How far back, e.g. 30d (default: everything kept).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",

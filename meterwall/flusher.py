@@ -27,6 +27,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from .auditlog import LongLivedPseudonyms
 from .buffer import ByteBoundedQueue
 from .capture import METHODS, Exchange
 from .clientip import canonical_ip, forget_addresses
@@ -55,6 +56,7 @@ log = logging.getLogger("meterwall")
 
 BATCH_VERSION = 3  # the packed batch format lua/apply_batch.lua accepts
 _REGISTRY_EVERY = 10.0  # seconds between reads of the consumer registry
+_RESTRICTIONS_EVERY = 1.0  # seconds between reads of the restriction list
 _EXCHANGE_OVERHEAD = 512  # bytes a queued exchange costs beyond its captured body (estimate)
 _SLICE_NS = 500_000  # the flusher gives the loop back at least every 0.5 ms of sealing
 
@@ -100,6 +102,9 @@ class Flusher:
                 extra_credential_headers=[settings.api_key_header],
             )  # fmt: skip
             self._index_key = derive(secret, "index")
+            self._restriction_names = LongLivedPseudonyms(secret, "restriction")
+        self._restricted: set[str] = set()  # subjects whose raw records are not kept
+        self._next_restrictions_read = 0.0
         self._hour = 0  # the hour of the exchange being redacted (for address headers)
         self._address_cache: dict[tuple[str | None, tuple[bytes, ...]], object] = {}
         self._ident_cache: dict[bytes, bytes] = {}
@@ -272,6 +277,7 @@ class Flusher:
         if not exchanges:
             return
         if redis is not None:
+            await self._read_restrictions(redis)
             for hour in {ex.start_ns // 1_000_000_000 // HOUR for ex in exchanges}:
                 try:
                     await self.pseudonyms.prepare(hour, redis)
@@ -286,6 +292,8 @@ class Flusher:
                 log.exception("meterwall: could not seal a record")
                 self._dropped_total += 1
                 continue
+            if sealed is None:  # a restricted subject: counted, never recorded
+                continue
             self.outbox.put(sealed, len(sealed.blob) + 17 * len(sealed.idents))
             if time.perf_counter_ns() > yield_at:  # requests must not wait behind a backlog
                 await asyncio.sleep(0)
@@ -296,7 +304,24 @@ class Flusher:
         self.pseudonyms.clear_caches()
         forget_addresses()
 
-    def _seal(self, ex: Exchange) -> Sealed:
+    async def _read_restrictions(self, redis: Redis) -> None:
+        """The restricted subjects, read at most once a second (so a restriction holds within
+        a second on every worker). If Redis cannot be read, the last list stays in force."""
+        if time.monotonic() < self._next_restrictions_read:
+            return
+        self._next_restrictions_read = time.monotonic() + _RESTRICTIONS_EVERY
+        try:
+            names: list[bytes] = await redis.hkeys(self.keyspace.restricted())  # type: ignore[assignment]
+        except (RedisError, OSError):
+            return
+        self._restricted = {n.decode() for n in names}
+
+    def _is_restricted(self, consumer: str, ip16: bytes | None) -> bool:
+        if consumer and "consumer:" + consumer in self._restricted:
+            return True
+        return ip16 is not None and self._restriction_names.of_ip16(ip16) in self._restricted
+
+    def _seal(self, ex: Exchange) -> Sealed | None:
         scope = ex.scope
         time_s = ex.start_ns // 1_000_000_000
         self._hour = time_s // HOUR
@@ -307,6 +332,8 @@ class Flusher:
         pseudonyms = self.pseudonyms.epoch(self._hour).pseudonyms(ip16) if ip16 else None
         if ip16 is not None:
             self._count_unique(ex.consumer, time_s, ip16)
+        if self._restricted and self._is_restricted(ex.consumer, ip16):
+            return None
         record_id = next(self._record_ids).to_bytes(16, "big")
         plain = build_record(ex, record_id, self.redactor, address, pseudonyms)
         blob, key = self.sealer.seal(plain, ex.start_ns, record_id)

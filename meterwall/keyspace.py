@@ -117,6 +117,10 @@ class Keyspace:
         """Hash: consumer id -> its allowed and denied networks (only consumers that have any)."""
         return f"{self.prefix}:consumer-networks"
 
+    def restricted(self) -> str:
+        """Hash: restricted subjects (``ip~<hex>`` long-lived pseudonyms, ``consumer:<id>``)."""
+        return f"{self.prefix}:restricted"
+
     def api_key(self, key_id: str) -> str:
         """One API key's metadata and keyed hash (never the key itself)."""
         return f"{self.prefix}:key:{key_id}"

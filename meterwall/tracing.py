@@ -112,8 +112,8 @@ class Trace:
         denials = [r["decision"] for r in self.records if r["decision"] != "admitted"]
         return {
             "requests": len(self.records),
-            "first": _iso(self.records[0]["time_ns"]) if self.records else None,
-            "last": _iso(self.records[-1]["time_ns"]) if self.records else None,
+            "first": iso_utc(self.records[0]["time_ns"]) if self.records else None,
+            "last": iso_utc(self.records[-1]["time_ns"]) if self.records else None,
             "requests_per_minute": dict(sorted(per_minute.items())),
             "routes": sorted({r["route"] for r in self.records}),
             "statuses": dict(sorted(Counter(str(r["status"]) for r in self.records).items())),
@@ -122,10 +122,14 @@ class Trace:
 
 
 class Tracer:
-    """Finds and opens a subject's records; needs the private key (the reader side only)."""
+    """Finds and opens a subject's records; opening needs the private key (the reader side).
+
+    Without a private key, ``locate`` still finds where a subject's records are (what an erase
+    needs): the index holds keyed pseudonyms, which the pseudonym secret can compute.
+    """
 
     def __init__(
-        self, redis: Any, settings: Settings, private_key: X25519PrivateKey, *,
+        self, redis: Any, settings: Settings, private_key: X25519PrivateKey | None, *,
         clock: Clock = SYSTEM_CLOCK, actor: str | None = None,
     ) -> None:  # fmt: skip
         if settings.pseudonym_secret is None:
@@ -134,7 +138,10 @@ class Tracer:
         self._redis = redis
         self._settings = settings
         self._keyspace = settings.keyspace()
-        self._reader = RecordReader(redis, settings, private_key, clock=clock)
+        self._reader = (
+            RecordReader(redis, settings, private_key, clock=clock) if private_key else None
+        )
+        self._retention_ns = int(settings.raw_retention * NS)
         self._epochs = IpPseudonymiser(secret, self._keyspace, int(settings.raw_retention))
         self._index_key = derive(secret, "index")
         self._audit_names = LongLivedPseudonyms(secret, "audit-log")
@@ -151,8 +158,28 @@ class Tracer:
 
     async def find(self, query: TraceQuery) -> Trace:
         """``trace`` without the audit entry (callers that write their own)."""
+        if self._reader is None:
+            raise ConfigurationError(
+                "MW_RECORD_PRIVATE_KEY_FILE", "is needed to open records (the reader side's key)"
+            )
+        found = await self.locate(query)
+        hits, found.hits = found.hits, []
+        opened = await self._open(hits)
+        since, until = found.since_ns, found.until_ns
+        pairs = [(hit, record) for hit, record in opened if query.matches(record, since, until)]
+        pairs.sort(key=lambda pair: pair[1]["time_ns"])
+        found.hits = [hit for hit, _ in pairs]
+        found.records = [record for _, record in pairs]
+        return found
+
+    async def locate(self, query: TraceQuery) -> Trace:
+        """Where the subject's records are (``hits``), without opening any (no audit entry).
+
+        Only the index selects: filters that need an opened record (route, status, a subnet
+        narrower than /24) are not applied.
+        """
         query.check()
-        window = self._reader.window_start_ns()
+        window = self._clock.now_ns() - self._retention_ns
         since = window if query.since_ns is None else query.since_ns
         until = self._clock.now_ns() if query.until_ns is None else query.until_ns
         if since < window:
@@ -160,12 +187,7 @@ class Tracer:
         if until < since:
             raise ConfigurationError("until", "is before since")
         found = Trace(self._describe(query, since, until), since, until)
-        hits = await self._locate(query, since, until, found)
-        opened = await self._open(hits)
-        pairs = [(hit, record) for hit, record in opened if query.matches(record, since, until)]
-        pairs.sort(key=lambda pair: pair[1]["time_ns"])
-        found.hits = [hit for hit, _ in pairs]
-        found.records = [record for _, record in pairs]
+        found.hits = await self._locate(query, since, until, found)
         return found
 
     async def _locate(self, query: TraceQuery, since: int, until: int, found: Trace) -> list[Hit]:
@@ -250,6 +272,7 @@ class Tracer:
         for where, rows in zip(entries, replies, strict=True):
             if rows:  # an entry can expire between the index read and this one
                 groups[where] = split_group(rows[0][1][b"r"])
+        assert self._reader is not None
         opened = []
         for hit in hits:
             blobs = groups.get((hit.shard, hit.slice, hit.entry))
@@ -257,11 +280,15 @@ class Tracer:
                 opened.append((hit, await self._reader.open(hit.shard, blobs[hit.position])))
         return opened
 
+    def audit_name(self, ip: str) -> str | None:
+        """How the audit log names an address (a long-lived keyed pseudonym)."""
+        return self._audit_names.address(ip)
+
     def _describe(self, query: TraceQuery, since: int, until: int) -> dict[str, Any]:
         """The query as the audit log keeps it: long-lived pseudonyms in place of addresses."""
-        described: dict[str, Any] = {"since": _iso(since), "until": _iso(until)}
+        described: dict[str, Any] = {"since": iso_utc(since), "until": iso_utc(until)}
         if query.ip is not None:
-            described["ip"] = self._audit_names.address(query.ip)
+            described["ip"] = self.audit_name(query.ip)
         if query.subnet is not None:
             described["subnet"] = self._audit_names.network(
                 str(ip_network(query.subnet, strict=False))
@@ -303,7 +330,8 @@ def _consumer_of(raw: bytes | None) -> str | None:
     return None if raw is None else str(orjson.loads(raw)["consumer"])
 
 
-def _iso(time_ns: int) -> str:
+def iso_utc(time_ns: int) -> str:
+    """A nanosecond time as ISO 8601 UTC, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_ns // NS))
 
 

@@ -1,0 +1,155 @@
+"""Data-subject rights: export, erase, restrict; one audit entry each, never a plaintext IP."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterwall import Meterwall, Settings
+from meterwall.auditlog import AuditLog
+from meterwall.clock import FixedClock
+from meterwall.errors import ConfigurationError
+from meterwall.reader import RecordReader
+from meterwall.subjects import SubjectRights
+from meterwall.tracing import TraceQuery, Tracer
+from meterwall.usage import UsageReader
+from tests.test_access import api_app, make_key
+from tests.test_cli import meterwall
+from tests.test_tracing import BOUNDARY, NS, send, traffic
+
+__all__ = ["traffic"]  # the fixture, shared with the tracing tests
+
+
+def rights(redis: Any, traffic: dict[str, Any], private_key: Any = None) -> SubjectRights:
+    return SubjectRights(redis, traffic["settings"], private_key, clock=traffic["clock"],
+                         actor="os:dpo")  # fmt: skip
+
+
+async def everything(redis: Any, traffic: dict[str, Any], private_key: Any) -> list[dict]:
+    reader = RecordReader(redis, traffic["settings"], private_key, clock=traffic["clock"])
+    return await reader.records((BOUNDARY - 60) * NS, (BOUNDARY + 3600) * NS)
+
+
+async def test_export_holds_exactly_the_subjects_records_and_a_receipt(
+    redis, traffic, private_key
+) -> None:
+    by_ip = await rights(redis, traffic, private_key).export(ip="::ffff:203.0.113.7")
+    assert len(by_ip["records"]) == 7
+    assert {r["client"]["ip"] for r in by_ip["records"]} == {"203.0.113.7", "::ffff:203.0.113.7"}
+    assert by_ip["receipt"]["records"] == 7
+    assert "usage" not in by_ip
+    by_consumer = await rights(redis, traffic, private_key).export(consumer="globex")
+    assert [r["consumer"] for r in by_consumer["records"]] == ["globex", "globex"]
+    [month] = by_consumer["usage"]
+    assert sum(row["requests"] for row in by_consumer["usage"][month]) == 2
+    entries = await AuditLog(redis, traffic["settings"]).entries()
+    assert [(e["action"], e["opened"], e["actor"]) for e in entries] == [
+        ("export", 7, "os:dpo"), ("export", 2, "os:dpo"),
+    ]  # fmt: skip
+    assert "203.0.113" not in json.dumps(entries)
+    with pytest.raises(ConfigurationError):
+        await rights(redis, traffic).export(ip="203.0.113.7")  # no private key: cannot open
+
+
+async def test_erase_leaves_nothing_of_the_subject_and_everything_else(
+    redis, traffic, private_key
+) -> None:
+    before = await everything(redis, traffic, private_key)
+    receipt = await rights(redis, traffic).erase(ip="203.0.113.7")  # no private key needed
+    assert receipt["records_erased"] == 7
+    assert receipt["index_entries_removed"] >= 7 * 2  # its address and network entries, at least
+    after = await everything(redis, traffic, private_key)
+    assert {r["client"]["ip"] for r in after} == {"203.0.113.9", "198.51.100.4"}
+    assert sorted(r["id"] for r in after) == sorted(
+        r["id"] for r in before if r["client"]["ip"] not in ("203.0.113.7", "::ffff:203.0.113.7")
+    )
+    tracer = Tracer(redis, traffic["settings"], private_key, clock=traffic["clock"], actor="t")
+    assert (await tracer.locate(TraceQuery(ip="203.0.113.7"))).hits == []  # no index entry left
+    assert len((await tracer.trace(TraceQuery(consumer="globex"))).records) == 2  # renumbered
+    assert len((await tracer.trace(TraceQuery(subnet="203.0.113.0/24"))).records) == 2
+    assert len((await tracer.trace(TraceQuery(key_id=traffic["acme_key"]))).records) == 1
+    entries = await AuditLog(redis, traffic["settings"]).entries()
+    assert [(e["action"], e["records_erased"]) for e in entries[:1]] == [("erase", 7)]
+
+
+async def test_erasing_a_consumer_takes_its_aggregates_only_when_asked(redis, traffic) -> None:
+    own: Settings = traffic["settings"]
+    keyspace = own.keyspace()
+    month = f"{BOUNDARY // 86400 * 86400}"  # any text: only its existence is checked
+    closed = keyspace.closed("acme", month)
+    await redis.set(closed, b"{}")
+    usage = UsageReader(redis, keyspace)
+    month_text = __import__("time").strftime("%Y-%m", __import__("time").gmtime(BOUNDARY))
+    assert await usage.totals("acme", month_text, ["route"])
+    first = await rights(redis, traffic).erase(consumer="acme")
+    assert first["aggregate_keys_deleted"] == 0
+    assert await usage.totals("acme", month_text, ["route"])  # billing data kept by default
+    second = await rights(redis, traffic).erase(consumer="acme", aggregates=True)
+    assert second["aggregate_keys_deleted"] > 0
+    assert await usage.totals("acme", month_text, ["route"]) == []
+    assert await usage.totals("globex", month_text, ["route"])  # another consumer untouched
+    assert await redis.exists(closed)  # closed snapshots need their own flag
+    await rights(redis, traffic).erase(consumer="acme", aggregates=True, closed_periods=True)
+    assert not await redis.exists(closed)
+    with pytest.raises(ConfigurationError):
+        await rights(redis, traffic).erase(ip="203.0.113.7", aggregates=True)
+
+
+async def test_restricted_subjects_are_counted_but_never_recorded(
+    redis, traffic, private_key
+) -> None:
+    own: Settings = traffic["settings"]
+    subjects = rights(redis, traffic)
+    await subjects.restrict(ip="203.0.113.7")
+    await subjects.restrict(consumer="globex")
+    listed = await subjects.restricted()
+    assert sorted(r["subject"][:3] for r in listed) == ["con", "ip~"]
+    assert "203.0.113" not in json.dumps(listed)
+    _, acme = await make_key(redis, own, consumer="acme")
+    _, globex = await make_key(redis, own, consumer="globex")
+    clock = FixedClock((BOUNDARY + 60) * NS)
+    app = Meterwall(api_app, settings=own, clock=clock)
+    await send(app, clock, BOUNDARY + 60, "::ffff:203.0.113.7", acme, count=3)  # restricted IP
+    await send(app, clock, BOUNDARY + 61, "198.51.100.4", globex, count=2)  # restricted consumer
+    await send(app, clock, BOUNDARY + 62, "198.51.100.4", acme, count=1)  # neither
+    assert await app.aclose()
+    new = [r for r in await everything(redis, traffic, private_key)
+           if r["time_ns"] >= (BOUNDARY + 60) * NS]  # fmt: skip
+    assert [(r["client"]["ip"], r["consumer"]) for r in new] == [("198.51.100.4", "acme")]
+    month = __import__("time").strftime("%Y-%m", __import__("time").gmtime(BOUNDARY))
+    rows = await UsageReader(redis, own.keyspace()).totals("globex", month, ["route"])
+    assert sum(r["requests"] for r in rows) == 2 + 2  # counting went on
+    assert await subjects.unrestrict(consumer="globex")
+    assert not await subjects.unrestrict(consumer="globex")
+    actions = [e["action"] for e in await AuditLog(redis, own).entries()]
+    assert actions == ["restrict", "restrict", "unrestrict", "unrestrict"]
+
+
+async def test_the_subject_commands(redis, traffic, keypair, tmp_path: Path) -> None:
+    own: Settings = traffic["settings"]
+    assert own.pseudonym_secret is not None
+    env = {"MW_REDIS_URL": own.redis_url, "MW_KEY_PREFIX": own.key_prefix,
+           "MW_PSEUDONYM_SECRET": base64.b64encode(own.pseudonym_secret.reveal()).decode(),
+           "MW_RECORD_PRIVATE_KEY_FILE": str(tmp_path / "reader.pem")}  # fmt: skip
+    (tmp_path / "reader.pem").write_bytes(keypair[0])
+    both = meterwall("subject", "erase", "--ip", "203.0.113.7", "--consumer", "acme", env=env)
+    assert (both.returncode, both.stderr.count("\n")) == (2, 1)
+    out = tmp_path / "bundle.json"
+    # the records are two hours ahead of the CLI's real clock, so an export finds none yet
+    done = meterwall("subject", "export", "--consumer", "globex", "--output", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    bundle = json.loads(out.read_text())
+    assert bundle["receipt"]["action"] == "export"
+    assert sum(r["requests"] for rows in bundle["usage"].values() for r in rows) == 2
+    restricted = meterwall("subject", "restrict", "--ip", "203.0.113.7", env=env)
+    assert restricted.returncode == 0, restricted.stderr
+    assert "203.0.113.7" not in restricted.stdout
+    listed = meterwall("subject", "list", "--format", "json", env=env)
+    assert [r["subject"][:3] for r in json.loads(listed.stdout)] == ["ip~"]
+    erased = meterwall("subject", "erase", "--consumer", "globex", env=env)
+    assert json.loads(erased.stdout)["action"] == "erase"
