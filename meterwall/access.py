@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from .apikeys import ApiKey, KeyStore
+from .clientip import TrustedProxies
 from .consumers import ConsumerRegistry
 from .errors import ConfigurationError
 from .keyspace import Keyspace
@@ -103,7 +104,7 @@ class AccessControl:
         self, keyspace: Keyspace, server_key: bytes, rules: Sequence[Rule], *,
         header: str = "x-api-key", allow: Sequence[Any] = (), deny: Sequence[Any] = (),
         on_redis_error: str = "open", timeout: float = 0.5, limiter: Limiter | None = None,
-        query_parameter: str = "",
+        query_parameter: str = "", trusted_proxies: TrustedProxies | None = None,
     ) -> None:  # fmt: skip
         self._keyspace = keyspace
         self._server_key = server_key
@@ -114,6 +115,7 @@ class AccessControl:
         self._timeout = timeout
         self.limiter = limiter if limiter is not None and limiter.active else None
         self._query = query_parameter
+        self._trusted = trusted_proxies if trusted_proxies else None
         self._fences: dict[str, tuple[Networks, Networks]] | None = None  # consumer: allow, deny
         self._refresh: asyncio.Task[None] | None = None
         self._registry_due = 0.0
@@ -141,8 +143,8 @@ class AccessControl:
         method, path = scope.get("method", "GET"), scope.get("path", "/")
         rule = next((r for r in self._rules if (not r.methods or method in r.methods)
                      and r.pattern.match(path)), None)  # fmt: skip
-        client = scope.get("client")
-        if not self._network_ok(client[0] if client else None, ()):
+        address = self._client_address(scope)
+        if not self._network_ok(address, ()):
             return Decision(403, "network")
         presented = self._presented_key(scope)
         if presented is None:
@@ -181,10 +183,10 @@ class AccessControl:
             return Decision(401, "malformed" if state == "malformed" else "invalid-key")
         if state != "valid":  # expired or revoked: refused, and counted for its consumer
             return Decision(401, state, key)
-        if key.cidrs and not self._network_ok(client[0] if client else None, key.cidrs):
+        if key.cidrs and not self._network_ok(address, key.cidrs):
             return Decision(403, "network", key)
         fence = await self._consumer_networks(key.consumer)
-        if fence is not None and not _fenced_ok(client[0] if client else None, *fence):
+        if fence is not None and not _fenced_ok(address, *fence):
             return Decision(403, "network", key)
         if rule is not None and not rule.public and not rule.scopes <= set(key.scopes):
             return Decision(403, "scope", key)
@@ -231,6 +233,14 @@ class AccessControl:
     async def _write_last_used(self, key_id: str, minute: int) -> None:
         with contextlib.suppress(Exception):  # a lost 'last used' write costs nothing
             await self._redis.hset(self._keyspace.key_last_used(), key_id, minute * 60)
+
+    def _client_address(self, scope: Scope) -> str | None:
+        """The address network rules apply to: the same one records carry (MW_TRUSTED_PROXIES)."""
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if self._trusted is None:
+            return peer
+        return self._trusted.resolve(peer, scope.get("headers") or ())
 
     def _presented_key(self, scope: Scope) -> str | None:
         raw: bytes

@@ -633,6 +633,16 @@ async def subject_list(fmt: str) -> None:
     _emit(rows, fmt, "restricted subjects")
 
 
+@cli.command("privacy-notice")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "html"]), default="markdown",
+              show_default=True)  # fmt: skip
+def privacy_notice(fmt: str) -> None:
+    """The privacy notice that the app servers' MW_* settings enforce (run it with theirs)."""
+    from .notice import render
+
+    click.echo(render(Settings.from_env(), "html" if fmt == "html" else "markdown"))
+
+
 @cli.command("audit-log")
 @click.option("--since", help="How far back, e.g. 30d (default: everything kept).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",

@@ -191,6 +191,7 @@ def _access_control(settings: Settings, flusher: Flusher, clock: Clock) -> Acces
         allow=parse_networks(settings.access_allow, setting="MW_ACCESS_ALLOW"),
         deny=parse_networks(settings.access_deny, setting="MW_ACCESS_DENY"),
         on_redis_error=settings.access_on_redis_error, query_parameter=settings.api_key_query,
+        trusted_proxies=settings.trusted_proxies,
         limiter=Limiter(settings.keyspace(), parse_plans(settings.plans),
                         default_plan=settings.default_plan, zone_of=flusher.zone_of,
                         weight_of=PathWeights(settings.route_weights), clock=clock),

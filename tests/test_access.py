@@ -292,3 +292,23 @@ async def test_a_revocation_reaches_another_worker_process_within_a_second(
             assert (reply.status_code, reply.json()["detail"]) == (401, "revoked")
     finally:
         await stop(servers)
+
+
+async def test_network_rules_see_the_client_behind_a_trusted_proxy(redis, access_settings) -> None:
+    from meterwall.clientip import TrustedProxies
+
+    own = access_settings.replace(access_allow="203.0.113.0/24",
+                                  trusted_proxies=TrustedProxies.parse("10.0.0.0/8"))  # fmt: skip
+    _, key = await make_key(redis, own)
+    app = Meterwall(api_app, settings=own)
+
+    async def status(peer: str, forwarded_for: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(peer, 4000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            headers = {"X-API-Key": key, "X-Forwarded-For": forwarded_for}
+            return (await client.get("/items/1", headers=headers)).status_code
+
+    async with LifespanManager(app):
+        assert await status("10.1.1.1", "203.0.113.5") == 200  # the proxy's client is allowed
+        assert await status("10.1.1.1", "198.51.100.1") == 403
+        assert await status("198.51.100.1", "203.0.113.5") == 403  # an untrusted peer's header

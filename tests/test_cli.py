@@ -75,3 +75,16 @@ def test_demo_runs_end_to_end_and_proves_its_privacy_claims() -> None:
     assert '"password": "***"' in out
     assert "Bearer fp:" in out
     assert "everything started is stopped" in out
+
+
+def test_the_privacy_notice_follows_the_live_settings() -> None:
+    base = {"MW_RECORDS": "off"}
+    small = meterwall("privacy-notice", env={**base, "MW_BODY_LIMIT": "1KiB"})
+    large = meterwall("privacy-notice", env={**base, "MW_BODY_LIMIT": "64KiB"})
+    assert small.returncode == 0, small.stderr
+    assert small.stdout != large.stdout
+    html = meterwall("privacy-notice", "--format", "html", env=base)
+    assert html.stdout.lstrip().lower().startswith("<!doctype html>")
+    broken = meterwall("privacy-notice", env={**base, "MW_RAW_RETENTION": "48h"})
+    assert (broken.returncode, broken.stderr.count("\n")) == (2, 1)
+    assert "MW_RAW_RETENTION" in broken.stderr
