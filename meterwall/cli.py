@@ -108,24 +108,48 @@ def keygen(private_key: Path, force: bool) -> None:
 
 
 @cli.command()
+@click.option("--private-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also open a sample of records (else MW_RECORD_PRIVATE_KEY_FILE).")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)  # fmt: skip
 @run_async
-async def audit() -> None:
+async def audit(private_key: Path | None, fmt: str) -> None:
     """Prove the retention promise on the Redis at MW_REDIS_URL; exit 1 on any failure."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .reader import RecordReader
     from .store import connect
 
     settings = reader_settings()
+    key = None
+    if private_key is not None or os.environ.get("MW_RECORD_PRIVATE_KEY_FILE"):
+        key = private_key_from(private_key)
     redis = connect(settings)
+    bar = Progress(TextColumn("scanning keys"), BarColumn(), MofNCompleteColumn(),
+                   console=Console(stderr=True), transient=True,
+                   disable=fmt != "table")  # fmt: skip
     try:
         settings = await _as_deployed(redis, settings)
-        checks = await Auditor(redis, settings.keyspace()).run()
+        task = bar.add_task("keys", total=await redis.dbsize())
+        reader = RecordReader(redis, settings, key) if key is not None else None
+        auditor = Auditor(redis, settings.keyspace(), reader=reader, settings=settings,
+                          progress=lambda done: bar.update(task, completed=done))  # fmt: skip
+        with bar:
+            checks = await auditor.run()
     finally:
         await redis.aclose()
-    table = Table("check", "result", "detail")
-    for check in checks:
-        table.add_row(check.name, "[green]pass" if check.ok else "[red]FAIL", check.detail)
-        for problem in check.problems[:20]:
-            table.add_row("", "", f"[red]{problem}")
-    out.print(table)
+    if fmt == "json":
+        report = [{"name": c.name, "ok": c.ok, "detail": c.detail, "problems": c.problems}
+                  for c in checks]  # fmt: skip
+        click.echo(orjson.dumps({"ok": not failed(checks), "checks": report},
+                                option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+    else:
+        table = Table("check", "result", "detail")
+        for check in checks:
+            table.add_row(check.name, "[green]pass" if check.ok else "[red]FAIL", check.detail)
+            for problem in check.problems[:20]:
+                table.add_row("", "", f"[red]{problem}")
+        out.print(table)
     if failed(checks):
         sys.exit(1)
 

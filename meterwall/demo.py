@@ -145,7 +145,7 @@ async def _report(out: Console, settings: Settings, pem: bytes) -> None:
         records = await reader.records()
         out.print(f"\n[bold]{len(records)} sealed records[/] stored in Redis")
         searched, hits = await _search_literals(redis, keyspace, [*CLIENT_IPS, PASSWORD, BEARER])
-        checks = await Auditor(redis, keyspace).run()
+        checks = await Auditor(redis, keyspace, reader=reader, settings=settings).run()
         plain = next(c for c in checks if c.name == "plaintext")
         verdict = "[green]none found" if not hits and plain.ok else f"[red]FOUND: {hits}"
         out.print(

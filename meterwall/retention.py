@@ -4,17 +4,19 @@ applies it now.
 The audit is structure-aware: it knows which values are ciphertext (sealed records, wrapped keys)
 and which parts of an index member are binary pseudonyms, and looks for plaintext addresses and
 credentials in everything else, so random ciphertext cannot raise a false alarm and no clear
-field escapes the scan. It needs no private key.
+field escapes the scan. It needs no private key; with one it also opens a sample of records.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -24,6 +26,12 @@ from .keyspace import Keyspace, split_group
 from .sealing import read_envelope
 from .settings import RETENTION_CEILING
 from .store import eviction_policy
+
+if TYPE_CHECKING:
+    from .reader import RecordReader
+    from .settings import Settings
+
+SAMPLE = 200  # records a keyed audit opens
 
 META_AOF_REWRITE = "aof_rewrite_requested_at"
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
@@ -68,14 +76,31 @@ def _is_ip(text: str) -> bool:
 class Auditor:
     """Runs every check against one deployment's keys."""
 
-    def __init__(self, redis: Redis, keyspace: Keyspace, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, redis: Redis, keyspace: Keyspace, *, clock: Clock = SYSTEM_CLOCK,
+        reader: RecordReader | None = None, settings: Settings | None = None,
+        progress: Callable[[int], None] | None = None, sample: int = SAMPLE,
+    ) -> None:  # fmt: skip
+        """``reader`` (with the private key) opens a sample of records; ``settings`` (with the
+        pseudonym secret) lets the restriction check search the indexes; ``progress`` is called
+        with the number of keys scanned so far."""
         # redis-py types replies as unions of every decode mode; this client returns bytes.
         self._redis: Any = redis
         self._keyspace = keyspace
         self._clock = clock
+        self._reader = reader
+        self._settings = settings
+        self._progress = progress
+        self._sample_size = sample
+        self._sample: list[tuple[int, bytes]] = []  # (shard, sealed record), a uniform sample
+        self._seen = 0
+        self._groups: dict[str, dict[bytes, int]] = {}  # record stream -> entry id -> records
+        self._refs: dict[str, list[tuple[bytes, int]]] = {}  # record stream -> index references
+        self._opened: list[dict[str, Any]] = []
 
     async def run(self) -> list[Check]:
         now = self._clock.now_ns() // 1_000_000_000
+        self._sample, self._seen, self._groups, self._refs, self._opened = [], 0, {}, {}, []
         expiry, age, plain = (
             Check("expiry", True, ""),
             Check("age", True, ""),
@@ -95,6 +120,8 @@ class Auditor:
             for where, text in await self._clear_texts(key, kind):
                 scanned += 1
                 plain.problems.extend(f"{key} ({where}): {f}" for f in plaintext_findings(text))
+            if self._progress is not None and keys % 100 == 0:
+                self._progress(keys)
         expiry.detail = (
             f"{keys} keys scanned; raw-record and index keys expire within {RETENTION_CEILING} s, "
             "data and pseudonym keys within their hour plus that"
@@ -103,7 +130,97 @@ class Auditor:
         plain.detail = f"{scanned} clear values scanned for IP addresses and credentials"
         for check in (expiry, age, plain):
             check.ok = not check.problems
-        return [expiry, age, plain, await self.persistence(now), await self.eviction()]
+        if self._progress is not None:
+            self._progress(keys)
+        checks = [expiry, age, plain, self._index_check()]
+        if self._reader is not None:
+            checks.append(await self._open_sample())
+        checks.append(await self._restrictions())
+        return [*checks, await self.persistence(now), await self.eviction()]
+
+    def _index_check(self) -> Check:
+        """Every index entry points at a stored group and at a record inside it."""
+        problems, refs = [], 0
+        for stream, references in self._refs.items():
+            groups = self._groups.get(stream, {})
+            for entry, position in references:
+                refs += 1
+                size = groups.get(entry)
+                if size is None:
+                    problems.append(f"{stream}: an index entry points at missing entry {entry!r}")
+                elif position >= size:
+                    problems.append(f"{stream} {entry!r}: index position {position} of {size}")
+        detail = f"{refs} index entries point at stored records"
+        return Check("index", not problems, detail, problems[:100])
+
+    async def _open_sample(self) -> Check:
+        """Records must open and authenticate with the reader's private key."""
+        assert self._reader is not None
+        problems, opened = [], 0
+        for shard, blob in self._sample:
+            try:
+                record = await self._reader.open(shard, blob)
+            except InvalidRecord as exc:
+                problems.append(f"a record of shard {shard} does not open: {exc}")
+                continue
+            opened += 1
+            self._opened.append(record)
+        detail = f"{opened} of {len(self._sample)} sampled records opened and authenticated"
+        return Check("records", not problems, detail, problems[:100])
+
+    async def _restrictions(self) -> Check:
+        """No raw record of a restricted subject made after its restriction.
+
+        Consumers are searched in the indexes (needs the pseudonym secret); addresses only in
+        the opened sample (with the private key), since their restriction names are one-way."""
+        from .auditlog import LongLivedPseudonyms
+
+        raw = await self._redis.hgetall(self._keyspace.restricted())
+        since = {k.decode(): orjson.loads(v)["since"] for k, v in raw.items()}
+        if not since:
+            return Check("restrictions", True, "no restricted subjects")
+        if self._settings is None or self._settings.pseudonym_secret is None:
+            return Check("restrictions", False, "MW_PSEUDONYM_SECRET is needed to check them")
+        from .tracing import TraceQuery, Tracer
+
+        problems = []
+        tracer = Tracer(self._redis, self._settings, None, clock=self._clock)
+        for name, at in since.items():
+            if name.startswith("consumer:"):
+                found = await tracer.locate(TraceQuery(consumer=name[len("consumer:") :]))
+                newer = await self._made_after(found.hits, at)
+                if newer:
+                    problems.append(f"{name}: {newer} records made after its restriction")
+        names = LongLivedPseudonyms(self._settings.pseudonym_secret.reveal(), "restriction")
+        for record in self._opened:
+            ip = names.address(record["client"]["ip"] or "")
+            if ip in since and record["time_ns"] // 1_000_000_000 > since[ip]:
+                problems.append(f"{ip}: a record made after its restriction")
+        detail = (f"{len(since)} restricted subjects: consumers searched in the indexes, "
+                  f"addresses in {len(self._opened)} opened records")  # fmt: skip
+        return Check("restrictions", not problems, detail, problems[:100])
+
+    async def _made_after(self, hits: list[Any], since_s: int) -> int:
+        newer = 0
+        for hit in hits:
+            rows = await self._redis.xrange(self._keyspace.records(hit.shard, hit.slice),
+                                            hit.entry, hit.entry)  # fmt: skip
+            if rows:
+                blobs = split_group(rows[0][1][b"r"])
+                if hit.position < len(blobs):
+                    made = read_envelope(blobs[hit.position]).time_ns // 1_000_000_000
+                    newer += made > since_s
+        return newer
+
+    def _keep_in_sample(self, shard: int, blob: bytes) -> None:
+        """Reservoir sampling: every record has the same chance to be opened."""
+        self._seen += 1
+        if len(self._sample) < self._sample_size:
+            self._sample.append((shard, blob))
+            return
+        slot = random.randrange(self._seen)
+        if slot < self._sample_size:
+            self._sample[slot] = (shard, blob)
 
     async def eviction(self) -> Check:
         """Eviction could drop high-water marks (a retry then counts twice) or counters."""
@@ -137,13 +254,19 @@ class Auditor:
         if await self._redis.type(key) != b"stream":
             check.problems.append(f"{key} is not a stream of sealed records")
             return
-        for _, fields in await self._redis.xrange(key):
+        groups = self._groups.setdefault(key, {})
+        shard = _shard_of(key)
+        for entry_id, fields in await self._redis.xrange(key):
             try:
                 blobs = split_group(fields.get(b"r", b""))
                 made = [read_envelope(blob).time_ns // 1_000_000_000 for blob in blobs]
             except (InvalidRecord, ValueError):
                 check.problems.append(f"{key} holds a value that is not a sealed record")
                 continue
+            groups[entry_id] = len(blobs)
+            if self._reader is not None:
+                for blob in blobs:
+                    self._keep_in_sample(shard, blob)
             if made and now - min(made) > RETENTION_CEILING:
                 check.problems.append(f"{key} holds a record {now - min(made)} s old")
 
@@ -154,6 +277,10 @@ class Auditor:
             if (part == "value" and kind in ("dk", "epk")) or part == "sealed":
                 continue  # wrapped keys and sealed records are ciphertext
             if part == "member" and kind == "ix":
+                stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
+                self._refs.setdefault(stream, []).append(
+                    (value[19:], int.from_bytes(value[17:19], "big"))
+                )
                 value = value[19:]  # tag, 16-byte pseudonym, 2-byte position; a clear entry id
             out.append((part, _text(value)))
         return out
@@ -208,6 +335,12 @@ async def key_parts(redis: Any, key: str | bytes) -> list[tuple[str, bytes]]:
     elif kind_of_value == "set":
         parts += [("member", m) for m in await redis.smembers(key)]
     return parts
+
+
+def _shard_of(key: str) -> int:
+    """The logical shard of a key named ``<prefix>:{sNN}:...``."""
+    tag = key[key.index("{s") + 2 : key.index("}")]
+    return int(tag)
 
 
 def _kind(key: str, prefix: str) -> str:

@@ -126,8 +126,8 @@ async def test_audit_passes_on_clean_traffic_and_names_each_failure(redis, setti
     keyspace = settings.keyspace()
     checks = await Auditor(redis, keyspace).run()
     assert [(c.name, c.ok) for c in checks] == [
-        ("expiry", True), ("age", True), ("plaintext", True), ("persistence", True),
-        ("eviction", True),
+        ("expiry", True), ("age", True), ("plaintext", True), ("index", True),
+        ("restrictions", True), ("persistence", True), ("eviction", True),
     ]  # fmt: skip
 
     await redis.xadd(keyspace.records(3, 1000), {"r": b"not sealed"})  # no expiry

@@ -153,3 +153,43 @@ async def test_the_subject_commands(redis, traffic, keypair, tmp_path: Path) -> 
     assert [r["subject"][:3] for r in json.loads(listed.stdout)] == ["ip~"]
     erased = meterwall("subject", "erase", "--consumer", "globex", env=env)
     assert json.loads(erased.stdout)["action"] == "erase"
+    report = meterwall("audit", "--format", "json", env=env)
+    document = json.loads(report.stdout)
+    assert report.returncode == (0 if document["ok"] else 1)
+    checks = {c["name"]: c for c in document["checks"]}
+    assert checks["records"]["ok"], checks["records"]
+    assert checks["restrictions"]["detail"].startswith("1 restricted subjects")
+
+
+async def test_a_keyed_audit_opens_records_and_checks_indexes_and_restrictions(
+    redis, traffic, private_key
+) -> None:
+    from meterwall.retention import Auditor
+
+    own: Settings = traffic["settings"]
+    keyspace = own.keyspace()
+    reader = RecordReader(redis, own, private_key, clock=traffic["clock"])
+
+    async def audit() -> dict[str, Any]:
+        auditor = Auditor(redis, keyspace, reader=reader, settings=own, clock=traffic["clock"])
+        return {c.name: c for c in await auditor.run()}
+
+    checks = await audit()
+    assert checks["records"].ok, checks["records"].problems
+    assert checks["records"].detail.startswith("10 of 10 sampled records")
+    assert checks["index"].ok, checks["index"].problems
+    await rights(redis, traffic).restrict(consumer="globex")  # its records are from "later"
+    assert not (await audit())["restrictions"].ok
+    await rights(redis, traffic).erase(consumer="globex")
+    assert (await audit())["restrictions"].ok
+    streams = [k async for k in redis.scan_iter(match=f"{own.key_prefix}:*:rec:*")]
+    lengths = [await redis.xlen(k) for k in streams]
+    stream = streams[lengths.index(max(lengths))]
+    [(entry, fields)] = (await redis.xrange(stream))[:1]
+    await redis.xdel(stream, entry)  # the index still points at it
+    fields[b"r"] = fields[b"r"][:-1] + bytes([fields[b"r"][-1] ^ 1])  # and one record is forged
+    await redis.xadd(stream, fields)
+    broken = await audit()
+    assert not broken["index"].ok
+    assert not broken["records"].ok
+    assert "does not open" in broken["records"].problems[0]
