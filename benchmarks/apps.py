@@ -61,7 +61,7 @@ def noop() -> ASGIApp:
 
 
 def with_meterwall() -> ASGIApp:
-    """Variants 3 and 4 (and 5 later): meterwall configured by the ``MW_*`` variables."""
+    """Variants 3, 4 and 5: meterwall configured by the ``MW_*`` variables."""
     return Meterwall(bare(), settings=Settings.from_env())
 
 

@@ -3,6 +3,8 @@
 Both send the same requests: ``POST /echo`` with a 1 KiB JSON body (``password`` field), a query
 string with an ``api_key``, an ``Authorization: Bearer`` header and an ``X-Consumer`` header that
 rotates over 4 consumers. Each connection keeps one request in flight (closed loop), like wrk.
+The bearer token of each consumer is a real meterwall API key when ``BENCH_API_KEYS`` holds one
+per consumer (the orchestrator makes them once per run), else a fixed fake token.
 
 Run as ``python -m benchmarks.load --port N`` it drives a server and prints one JSON line:
 requests, non-2xx responses, socket errors, elapsed seconds and latency percentiles (ms). It
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 CONSUMERS = ("acme", "globex", "initech", "umbrella")
+#: Comma-separated API keys, one per consumer in the order of CONSUMERS.
+API_KEYS_ENV = "BENCH_API_KEYS"
 QUERY = "dry_run=1&api_key=sk_test_4eC39HqLyjWDarjtT1"
 PERCENTILES = (50, 90, 99)
 
@@ -37,13 +42,23 @@ def make_body() -> bytes:
     return body
 
 
+def api_key(consumer: str) -> str:
+    """The bearer token ``consumer`` sends: its key from ``BENCH_API_KEYS``, else a fake one."""
+    keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if not keys:
+        return f"sk_live_{CONSUMERS.index(consumer):04d}9f8e7d6c5b4a"
+    if len(keys) != len(CONSUMERS):
+        raise ValueError(f"{API_KEYS_ENV} holds {len(keys)} keys, expected {len(CONSUMERS)}")
+    return keys[CONSUMERS.index(consumer)]
+
+
 def request_parts(path: str, consumer: str) -> tuple[str, str, list[tuple[str, str]], bytes]:
     """(method, target, headers without host, body) of one benchmark request."""
     headers = [
         ("User-Agent", "bench/1.0"),
         ("Accept", "application/json"),
         ("X-Consumer", consumer),
-        ("Authorization", f"Bearer sk_live_{CONSUMERS.index(consumer):04d}9f8e7d6c5b4a"),
+        ("Authorization", f"Bearer {api_key(consumer)}"),
     ]
     if path == "/ping":
         return "GET", path, headers, b""

@@ -24,7 +24,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def variant_info(v: Any) -> dict[str, str]:
-    return {"key": v.key, "name": v.name, "pending": v.pending}
+    return {"key": v.key, "name": v.name}
 
 
 def progress(v: Any, phase: str, rep: int, row: dict[str, Any]) -> str:
@@ -181,7 +181,7 @@ def chart(results: dict[str, Any]) -> str:
                 ax.text(
                     i,
                     0,
-                    "pending" if key == "5" else "not run",
+                    "not run",
                     rotation=90,
                     ha="center",
                     va="bottom",

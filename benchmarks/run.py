@@ -3,35 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
+from meterwall.apikeys import ApiKey, KeyStore, new_key
 from meterwall.embedded import EmbeddedRedis
+from meterwall.keyspace import Keyspace
+from meterwall.pseudonyms import derive
 from meterwall.sealing import generate_keypair
 
 from . import load, profiling, report
 from .procs import ROOT, Cores, Server, counted_requests, redis_stats
+
+#: Variant 5's access settings: GET /ping (the readiness check) stays public, POST /echo needs a
+#: key with the scope ``items:write``, and the plan's rate limit and quota are far from being hit.
+ACCESS = {
+    "MW_ACCESS": "keys",
+    "MW_ACCESS_RULES": "/ping=public, POST /echo=items:write",
+    "MW_PLANS": "bench: 1000000/s burst 1000000, 1000000000 requests/month",
+    "MW_DEFAULT_PLAN": "bench",
+}
+KEY_PLAN, KEY_SCOPES = "bench", ("items:write",)
+
+Keys = Sequence[tuple[str, str]]  # (key id, full key), one per consumer of load.CONSUMERS
 
 
 @dataclass(frozen=True)
 class Variant:
     key: str
     name: str
-    factory: str = ""  # empty: not runnable yet
+    factory: str
     env: dict[str, str] = field(default_factory=dict)
     redis: bool = False
     meterwall: bool = False
-    pending: str = ""
+    api_keys: bool = False  # store the run's API keys in the variant's Redis before it starts
 
 
 def variants() -> list[Variant]:
@@ -51,11 +69,37 @@ def variants() -> list[Variant]:
                 meterwall=True),
         Variant("4", "meterwall, metering + sealed records", "with_meterwall", sealed,
                 redis=True, meterwall=True),
-        Variant("5", "meterwall, everything on", pending="pending: access control not built yet"),
+        Variant("5", "meterwall, everything on", "with_meterwall", {**sealed, **ACCESS},
+                redis=True, meterwall=True, api_keys=True),
         Variant("6a", "BaseHTTPMiddleware + awaited XADD + HINCRBY", "basehttp_logger", redis=True),
         Variant("6b", f"limits rate limiter (Redis storage, {strategy})", "rate_limited",
                 redis=True),
     ]  # fmt: skip
+
+
+def make_keys() -> list[tuple[str, str]]:
+    """One real meterwall key per consumer of the load generators, made once per run."""
+    return [new_key() for _ in load.CONSUMERS]
+
+
+def store_keys(url: str, secret_b64: str, keys: Keys) -> None:
+    """Store ``keys`` in the Redis at ``url`` as meterwall's ``KeyStore`` does, so they verify.
+
+    The digest is ``HMAC-SHA256(derive(secret, "api-keys"), full key)`` with the variant's own
+    ``MW_PSEUDONYM_SECRET``; each key belongs to the consumer the load generator names for it.
+    """
+    store_key = derive(base64.b64decode(secret_b64), "api-keys")
+    now = int(time.time())
+
+    async def save() -> None:
+        async with AsyncRedis.from_url(url) as client:
+            store = KeyStore(client, Keyspace("mw", 16), store_key)
+            for (key_id, full), consumer in zip(keys, load.CONSUMERS, strict=True):
+                digest = store.digest(full)
+                await store._save(ApiKey(key_id, consumer, digest, KEY_PLAN, KEY_SCOPES,
+                                         created=now))  # fmt: skip
+
+    asyncio.run(save())
 
 
 def limits_installed() -> bool:
@@ -109,7 +153,9 @@ def measure(t: Target, args: argparse.Namespace, duration: float, conns: int) ->
     return row
 
 
-def start(v: Variant, args: argparse.Namespace, cores: Cores, stack: ExitStack) -> Target:
+def start(
+    v: Variant, args: argparse.Namespace, cores: Cores, stack: ExitStack, keys: Keys
+) -> Target:
     env, client = dict(v.env), None
     if v.redis:  # each variant its own Redis: clean command statistics and memory
         redis = stack.enter_context(EmbeddedRedis())
@@ -117,6 +163,8 @@ def start(v: Variant, args: argparse.Namespace, cores: Cores, stack: ExitStack) 
         client = stack.enter_context(Redis.from_url(redis.url))
         version = client.info("server")["redis_version"]
         args.redis_server = f"{os.path.basename(redis.binary)} {version}"
+        if v.api_keys:
+            store_keys(redis.url, v.env["MW_PSEUDONYM_SECRET"], keys)
     server = Server(v.factory, env, cores, args.http)
     stack.callback(server.stop)
     server.start()
@@ -144,13 +192,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.gen = auto if args.generator == "auto" else args.generator
     args.redis_server = ""
     chosen = [v for v in variants() if v.key in args.variants]
-    skipped: dict[str, str] = {v.key: v.pending for v in chosen if v.pending}
+    # Every variant sends the same requests: for 5 the bearer tokens are real keys (stored in its
+    # Redis before it starts), for the others opaque tokens. The load generators read them from
+    # the environment: wrk's script is built in this process, the asyncio client inherits it.
+    keys = make_keys()
+    os.environ[load.API_KEYS_ENV] = ",".join(full for _, full in keys)
+    skipped: dict[str, str] = {}
     if "6b" in args.variants and not limits_installed():
         skipped["6b"] = "skipped: `pip install 'limits[async-redis]'` to run it"
     rounds: list[dict[str, Any]] = []
     load_avg = [os.getloadavg()]
     with ExitStack() as stack:
-        targets = [start(v, args, cores, stack) for v in chosen if v.key not in skipped]
+        targets = [start(v, args, cores, stack, keys) for v in chosen if v.key not in skipped]
         for t in targets:  # warm-up, discarded
             drive(t, args, args.warmup, args.connections)
         for phase, duration, conns, reps in args.phases:
@@ -162,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(report.progress(t.variant, phase, rep, row), file=sys.stderr)
         load_avg.append(os.getloadavg())
         checks = {t.variant.key: finish(t) for t in targets}
-        prof = profile(next((v for v in chosen if v.key == args.profile), None), args, cores)
+        prof = profile(next((v for v in chosen if v.key == args.profile), None), args, cores,
+                       keys)  # fmt: skip
     return {
         "args": {k: v for k, v in vars(args).items() if k not in ("phases", "gen")},
         "phases": args.phases, "generator": args.gen, "redis_server": args.redis_server,
@@ -172,15 +226,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def profile(v: Variant | None, args: argparse.Namespace, cores: Cores) -> dict[str, Any]:
+def profile(
+    v: Variant | None, args: argparse.Namespace, cores: Cores, keys: Keys
+) -> dict[str, Any]:
     """One more run of ``v`` under cProfile, on a fresh server and Redis (after the others)."""
-    if v is None or not v.factory:
+    if v is None:
         return {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "server.prof")
-        profiled = Variant(v.key, v.name, "profiled", {**v.env, "BENCH_PROFILE_OUT": out,
-                           "BENCH_PROFILE_FACTORY": v.factory}, v.redis, v.meterwall)  # fmt: skip
-        t = start(profiled, args, cores, stack)
+        profiled = replace(v, factory="profiled", env={**v.env, "BENCH_PROFILE_OUT": out,
+                           "BENCH_PROFILE_FACTORY": v.factory})  # fmt: skip
+        t = start(profiled, args, cores, stack, keys)
         drive(t, args, args.warmup, args.connections)
         drive(t, args, args.duration, args.connections)
         t.server.stop()

@@ -354,11 +354,8 @@ def _fenced_ok(address: str | None, allow: Networks, deny: Networks) -> bool:
     return not any(ip in net for net in deny) and (not allow or any(ip in net for net in allow))
 
 
-async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:
-    """The standard answer: problem+json over HTTP, a policy close for a websocket handshake."""
-    if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": decision.reason})
-        return
+def denial(decision: Decision) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The standard answer to a refused request: status, headers and a problem+json body."""
     titles = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests",
               503: "Service Unavailable"}  # fmt: skip
     body = orjson.dumps({"type": TYPES + decision.reason, "title": titles[decision.status],
@@ -374,5 +371,14 @@ async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:
     headers.extend(decision.headers)
     if decision.degraded:
         headers.extend(DEGRADED)
-    await send({"type": "http.response.start", "status": decision.status, "headers": headers})
+    return decision.status, headers, body
+
+
+async def send_denial(decision: Decision, scope: Scope, send: Send) -> None:
+    """The answer over ASGI: problem+json over HTTP, a policy close for a websocket handshake."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": decision.reason})
+        return
+    status, headers, body = denial(decision)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

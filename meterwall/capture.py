@@ -104,10 +104,11 @@ class Exchange:
             self.disconnected = True
             raise
 
-    def finish(self, root_path: str) -> None:
+    def finish(self, root_path: str, *, keep_route: bool = False) -> None:
         """Called once the app returned or raised: fix the duration and the route template."""
         self.duration_ns = time.perf_counter_ns() - self._t0
-        self.route = route_template(self.scope, root_path)
+        if not keep_route:
+            self.route = route_template(self.scope, root_path)
 
 
 def route_template(scope: Scope, root_path: str) -> str:
@@ -127,6 +128,37 @@ def route_template(scope: Scope, root_path: str) -> str:
     if not hasattr(route, "endpoint"):  # a Mount whose app is not a router (static files, ...)
         return (mounted if mounted.endswith(path) else mounted + path) + "/{path}"
     return mounted + path
+
+
+def route_before_app(scope: Scope, app: Any) -> str:
+    """The route template a request would reach, for requests refused before the app ran.
+
+    The ledger counts refusals by route too, so the router is asked (Starlette and FastAPI:
+    ``router.routes`` with ``matches``); anything else, or no match, is ``<unmatched>``.
+    """
+    router = getattr(scope.get("app"), "router", None) or getattr(app, "router", None)
+    routes: Any = getattr(router, "routes", None)
+    template, child = "", dict(scope)
+    while routes:
+        for candidate in routes:
+            matches = getattr(candidate, "matches", None)
+            if matches is None:
+                continue
+            match, extra = matches(child)
+            if getattr(match, "name", "") != "FULL":
+                continue
+            path = getattr(candidate, "path", "")
+            if hasattr(candidate, "endpoint"):
+                return template + path
+            nested = getattr(candidate, "routes", None)
+            if nested is None:  # a mount of another kind of app (static files, ...)
+                return template + path + "/{path}"
+            template, routes = template + path, nested
+            child = {**child, **extra}
+            break
+        else:
+            return UNMATCHED
+    return UNMATCHED
 
 
 def _mount_template(scope: Scope, mounted: str) -> str:

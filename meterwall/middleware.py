@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from .access import DEGRADED, AccessControl, Decision, parse_networks, parse_rules, send_denial
-from .capture import Exchange
+from .capture import Exchange, route_before_app
 from .clock import SYSTEM_CLOCK, Clock
 from .flusher import Flusher
 from .journal import Journal
@@ -67,7 +67,7 @@ class Meterwall:
         self.access = _access_control(self.settings, self.flusher, clock)
         self._access_loop: asyncio.AbstractEventLoop | None = None
         for note in self.settings.weakened():
-            log.warning("meterwall: weaker than the default: %s", note)
+            log.warning("meterwall: trade-off in force: %s", note)
         if os.environ.get("MW_RECORD_PRIVATE_KEY_FILE"):
             log.warning(
                 "meterwall: MW_RECORD_PRIVATE_KEY_FILE is set on an app server: the private key "
@@ -108,16 +108,11 @@ class Meterwall:
         cost = 0
         try:
             if self.access is not None:
-                decision = await self._decide(scope)
-                if decision.key is not None:
-                    ex.consumer, ex.key_id = decision.key.consumer, decision.key.id
+                decision = await self.decide(scope, ex)
                 if decision.status:
-                    ex.denied = decision.reason
                     await send_denial(decision, scope, ex.send)
+                    ex.route = route_before_app(scope, self.app)
                     return
-                ex.extra_headers = (
-                    decision.headers + DEGRADED if decision.degraded else decision.headers
-                )
                 cost = decision.cost
             await self.app(scope, ex.receive, ex.send)
         except BaseException:
@@ -127,14 +122,35 @@ class Meterwall:
             raise
         finally:
             try:
-                ex.finish(root_path)
-                if cost and ex.status >= 500 and self.access is not None:
-                    self.access.refund(ex.consumer, cost)  # a 5xx answer carries no units
-                if self._consumer_header is not None and not ex.key_id:
-                    ex.consumer = self._consumer(scope)
-                self.flusher.submit(ex)
+                ex.finish(root_path, keep_route=bool(ex.denied))
             except Exception:  # metering must never break the app
                 log.exception("meterwall: could not record a request")
+            else:
+                self.complete(ex, cost)
+
+    async def decide(self, scope: Scope, ex: Exchange) -> Decision:
+        """The access decision for a request, noted on its exchange (adapters call this too)."""
+        decision = await self._decide(scope)
+        if decision.key is not None:
+            ex.consumer, ex.key_id = decision.key.consumer, decision.key.id
+        if decision.status:
+            ex.denied = decision.reason
+        else:
+            ex.extra_headers = (
+                decision.headers + DEGRADED if decision.degraded else decision.headers
+            )
+        return decision
+
+    def complete(self, ex: Exchange, cost: int = 0) -> None:
+        """Hand a finished exchange to the flusher; never raises into the app."""
+        try:
+            if cost and ex.status >= 500 and self.access is not None:
+                self.access.refund(ex.consumer, cost)  # a 5xx answer carries no units
+            if self._consumer_header is not None and not ex.key_id:
+                ex.consumer = self._consumer(ex.scope)
+            self.flusher.submit(ex)
+        except Exception:  # metering must never break the app
+            log.exception("meterwall: could not record a request")
 
     def _consumer(self, scope: Scope) -> str:
         for name, value in scope.get("headers") or ():

@@ -300,8 +300,9 @@ class Settings:
         notes = []
         if self.access == "keys" and self.access_on_redis_error == "open":
             notes.append(
-                "MW_ACCESS_ON_REDIS_ERROR=open: while Redis is away, keys known valid from the "
-                "cache are admitted (unknown keys get 503)"
+                "MW_ACCESS_ON_REDIS_ERROR=open (the default failure policy): while Redis is away, "
+                "keys known valid from the cache are admitted without rate or quota checks "
+                "(unknown keys get 503); set it to closed to refuse instead"
             )
         if self.access == "keys" and self.api_key_query:
             notes.append(

@@ -71,8 +71,10 @@ def test_demo_runs_end_to_end_and_proves_its_privacy_claims() -> None:
     out = done.stdout
     assert "60 sealed records stored in Redis" in out
     assert "none found" in out
-    assert ("audit: expiry pass, age pass, plaintext pass, index pass, records pass, "
-            "restrictions pass, persistence pass, eviction pass") in " ".join(out.split())
+    assert (
+        "audit: expiry pass, age pass, plaintext pass, index pass, records pass, "
+        "restrictions pass, persistence pass, eviction pass"
+    ) in " ".join(out.split())
     assert '"password": "***"' in out
     assert "Bearer fp:" in out
     assert "everything started is stopped" in out
