@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -108,6 +110,8 @@ class AccessControl:
     ) -> None:  # fmt: skip
         self._keyspace = keyspace
         self._server_key = server_key
+        self._mac = hmac.new(server_key, digestmod=hashlib.sha256)  # copied per key presented
+        self._rule_cache: dict[tuple[str, str], Rule | None] = {}
         self._rules = tuple(rules)
         self._header = header.lower().encode()
         self._allow, self._deny = tuple(allow), tuple(deny)
@@ -139,10 +143,20 @@ class AccessControl:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
 
-    async def decide(self, scope: Scope) -> Decision:
-        method, path = scope.get("method", "GET"), scope.get("path", "/")
+    def rule_for(self, method: str, path: str) -> Rule | None:
+        """The first rule that matches, cached per method and path (paths repeat a lot)."""
+        cache_key = (method, path)
+        if cache_key in self._rule_cache:
+            return self._rule_cache[cache_key]
         rule = next((r for r in self._rules if (not r.methods or method in r.methods)
                      and r.pattern.match(path)), None)  # fmt: skip
+        if len(self._rule_cache) >= _CACHE_LIMIT:
+            self._rule_cache.clear()
+        self._rule_cache[cache_key] = rule
+        return rule
+
+    async def decide(self, scope: Scope) -> Decision:
+        rule = self.rule_for(scope.get("method", "GET"), scope.get("path", "/"))
         address = self._client_address(scope)
         if not self._network_ok(address, ()):
             return Decision(403, "network")
@@ -152,7 +166,9 @@ class AccessControl:
         if self._on_error == "closed" and time.monotonic() < self._down_until:
             self.degraded_decisions += 1
             return Decision(503, "store-unavailable", degraded=True)
-        digest = KeyStore(None, self._keyspace, self._server_key).digest(presented)
+        mac = self._mac.copy()
+        mac.update(presented.encode())
+        digest = mac.hexdigest()  # the cache is keyed by the keyed hash, never by the key
         cached = self._cache.get(digest)
         now = time.time()
         stale = False  # admitted from an expired cache entry while Redis is away
@@ -188,7 +204,7 @@ class AccessControl:
         fence = await self._consumer_networks(key.consumer)
         if fence is not None and not _fenced_ok(address, *fence):
             return Decision(403, "network", key)
-        if rule is not None and not rule.public and not rule.scopes <= set(key.scopes):
+        if rule is not None and not rule.public and not rule.scopes.issubset(key.scopes):
             return Decision(403, "scope", key)
         self._touch(key.id, int(now) // 60)
         if stale:
@@ -198,7 +214,7 @@ class AccessControl:
         if time.monotonic() < self._down_until:  # Redis was away a moment ago: no waiting
             return self._unlimited(key)
         try:
-            verdict = await self.limiter.admit(key.consumer, key.plan, path)
+            verdict = await self.limiter.admit(key.consumer, key.plan, scope.get("path", "/"))
         except Exception as exc:
             self._down_until = time.monotonic() + 5
             log.warning("meterwall: rate and quota check could not reach Redis: %s", exc)

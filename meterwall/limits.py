@@ -52,7 +52,7 @@ PLAN_SYNTAX = "free: 10/s burst 20, 10000 requests/month; pro: 100/s, 1000000 un
 RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
 QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
 RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
-FIRST_LEASE, MAX_LEASE, SHARE = 8, 128, 4
+FIRST_LEASE, MAX_LEASE, SHARE = 8, 1024, 4
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*/\s*(s|min|h)(?:\s+burst\s+(\d+))?$")
 _QUOTA = re.compile(r"^(\d+)\s+(requests|units)\s*/\s*month$")
@@ -168,8 +168,9 @@ class _Tokens:
     """One consumer's tokens in this process."""
 
     __slots__ = ("blocked", "blocked_until_ns", "credit", "last_call_ns", "leases", "month",
-                 "month_end_s", "month_seconds", "pending", "plan", "quota_left", "rate",
-                 "rate_deadline_ns", "rate_left", "rate_return", "retry_s", "want")  # fmt: skip
+                 "month_end_s", "month_seconds", "pending", "plan", "policy", "policy_month",
+                 "quota_left", "rate", "rate_deadline_ns", "rate_left", "rate_return", "retry_s",
+                 "want")  # fmt: skip
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -189,9 +190,15 @@ class _Tokens:
         self.pending: asyncio.Task[None] | None = None
         self.want = FIRST_LEASE
         self.last_call_ns = 0
+        self.policy = b""  # the RateLimit-Policy header of this plan and month
+        self.policy_month = ""
 
     def quota_held(self, now_ns: int) -> int:
-        return self.credit + sum(lease.left(now_ns) for lease in self.leases)
+        held = self.credit
+        for lease in self.leases:
+            if now_ns < lease.deadline_ns:
+                held += lease.granted - lease.spent
+        return held
 
 
 class Limiter:
@@ -288,17 +295,19 @@ class Limiter:
                 left -= take
                 if not left:
                     break
+        held = tokens.quota_held(now) if plan.quota else 0
         low = (plan.rate and tokens.rate * 2 < tokens.want) or (
-            plan.quota and tokens.quota_held(now) * 2 < tokens.want
+            plan.quota and held * 2 < tokens.want
         )
         if low and tokens.pending is None and now >= tokens.blocked_until_ns:
             tokens.pending = asyncio.get_running_loop().create_task(
                 self._lease(tokens, consumer, 0)
             )
-        return Verdict(headers=self._headers(tokens, now), cost=cost)
+        return Verdict(headers=self._headers(tokens, now, held), cost=cost)
 
     def _refusal(self, tokens: _Tokens, now: int) -> Verdict:
-        return Verdict(tokens.blocked, max(1, tokens.retry_s), self._headers(tokens, now))
+        headers = self._headers(tokens, now, tokens.quota_held(now))
+        return Verdict(tokens.blocked, max(1, tokens.retry_s), headers)
 
     async def _lease(self, tokens: _Tokens, consumer: str, cost: int) -> None:
         try:
@@ -388,31 +397,37 @@ class Limiter:
         if tokens.blocked == "quota-exceeded":
             tokens.blocked_until_ns = 0
 
-    def _headers(self, tokens: _Tokens, now: int) -> tuple[tuple[bytes, bytes], ...]:
+    def _headers(self, tokens: _Tokens, now: int, held: int) -> tuple[tuple[bytes, bytes], ...]:
         """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10).
 
-        One policy named ``rate`` and one named ``quota``; never a key or consumer id.
+        One policy named ``rate`` and one named ``quota``; never a key or consumer id. The
+        policy is the same for a whole month, so it is made once.
         """
         plan = tokens.plan
-        policies, states = [], []
+        if tokens.policy_month != tokens.month or not tokens.policy:
+            tokens.policy_month = tokens.month
+            policies = []
+            if plan.rate:
+                policies.append(
+                    f'"rate";q={plan.burst};w={max(1, math.ceil(plan.burst / plan.rate))}'
+                )
+            if plan.quota:
+                policies.append(f'"quota";q={plan.quota};w={tokens.month_seconds}')
+            tokens.policy = ", ".join(policies).encode()
+        blocked = tokens.blocked if now < tokens.blocked_until_ns else ""
+        states = []
         if plan.rate:
-            window = max(1, math.ceil(plan.burst / plan.rate))
             left = min(plan.burst, tokens.rate + max(0, tokens.rate_left))
             reset = 0 if left >= plan.burst else math.ceil((plan.burst - left) / plan.rate)
-            if now < tokens.blocked_until_ns and tokens.blocked == "rate-limited":
+            if blocked == "rate-limited":
                 left, reset = 0, max(1, tokens.retry_s)
-            policies.append(f'"rate";q={plan.burst};w={window}')
             states.append(f'"rate";r={left};t={reset}')
         if plan.quota:
-            left = max(0, tokens.quota_left) + tokens.quota_held(now)
-            if now < tokens.blocked_until_ns and tokens.blocked == "quota-exceeded":
-                left = 0
-            policies.append(f'"quota";q={plan.quota};w={tokens.month_seconds}')
+            left = 0 if blocked == "quota-exceeded" else max(0, tokens.quota_left) + held
             states.append(
                 f'"quota";r={min(left, plan.quota)};t={tokens.month_end_s - now // 10**9}'
             )
-        return ((b"ratelimit-policy", ", ".join(policies).encode()),
-                (b"ratelimit", ", ".join(states).encode()))  # fmt: skip
+        return ((b"ratelimit-policy", tokens.policy), (b"ratelimit", ", ".join(states).encode()))
 
     async def aclose(self) -> None:
         """Give every unspent token back (graceful shutdown)."""
