@@ -31,7 +31,7 @@ from meterwall.types import Message
 __all__ = ["plugin", "setup"]
 
 _CORE = web.AppKey("meterwall", Meterwall)
-_REQUEST_EXCHANGE = "meterwall.exchange"
+_REQUEST_EXCHANGE = web.RequestKey("meterwall.exchange", tuple)
 
 
 async def _no_receive() -> Message:  # the adapter never reads through ASGI
@@ -119,7 +119,7 @@ def _finish(ex: Exchange, request: web.Request, t0: int) -> None:
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers go out: the time to the first byte of a streamed answer, the RateLimit headers."""
-    noted: tuple[Exchange, int] | None = request.get(_REQUEST_EXCHANGE)
+    noted = request.get(_REQUEST_EXCHANGE)
     if noted is None:
         return
     ex, t0 = noted
