@@ -33,6 +33,7 @@ from .consumers import ConsumerRegistry
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .limits import Limiter
+from .plugins import CallerResolver, InvalidCaller
 from .types import Scope, Send
 
 log = logging.getLogger("meterwall")
@@ -107,6 +108,7 @@ class AccessControl:
         header: str = "x-api-key", allow: Sequence[Any] = (), deny: Sequence[Any] = (),
         on_redis_error: str = "open", timeout: float = 0.5, limiter: Limiter | None = None,
         query_parameter: str = "", trusted_proxies: TrustedProxies | None = None,
+        resolvers: Sequence[CallerResolver] = (),
     ) -> None:  # fmt: skip
         self._keyspace = keyspace
         self._server_key = server_key
@@ -119,6 +121,7 @@ class AccessControl:
         self._timeout = timeout
         self.limiter = limiter if limiter is not None and limiter.active else None
         self._query = query_parameter
+        self._resolvers = tuple(resolvers)
         self._trusted = trusted_proxies if trusted_proxies else None
         self._fences: dict[str, tuple[Networks, Networks]] | None = None  # consumer: allow, deny
         self._refresh: asyncio.Task[None] | None = None
@@ -143,35 +146,35 @@ class AccessControl:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
 
-    def rule_for(self, method: str, path: str) -> Rule | None:
-        """The first rule that matches, cached per method and path (paths repeat a lot)."""
-        cache_key = (method, path)
-        if cache_key in self._rule_cache:
-            return self._rule_cache[cache_key]
-        rule = next((r for r in self._rules if (not r.methods or method in r.methods)
-                     and r.pattern.match(path)), None)  # fmt: skip
-        if len(self._rule_cache) >= _CACHE_LIMIT:
-            self._rule_cache.clear()
-        self._rule_cache[cache_key] = rule
-        return rule
+    async def _identify(
+        self, scope: Scope, rule: Rule | None
+    ) -> tuple[ApiKey | None, Decision | None, bool]:
+        """(the caller, an early answer, admitted from a stale cache entry while Redis is away).
 
-    async def decide(self, scope: Scope) -> Decision:
-        rule = self.rule_for(scope.get("method", "GET"), scope.get("path", "/"))
-        address = self._client_address(scope)
-        if not self._network_ok(address, ()):
-            return Decision(403, "network")
+        Resolver plugins go first; a request they do not recognise goes on to the API key.
+        """
+        for resolver in self._resolvers:
+            try:
+                caller = await resolver.resolve(scope)
+            except InvalidCaller as exc:
+                return None, Decision(401, exc.reason), False
+            if caller is not None:
+                resolved = ApiKey(caller.key_id, caller.consumer, "", scopes=tuple(caller.scopes))
+                return resolved, None, False
         presented = self._presented_key(scope)
         if presented is None:
-            return ADMIT if rule is not None and rule.public else Decision(401, "missing-key")
+            public = rule is not None and rule.public
+            return None, ADMIT if public else Decision(401, "missing-key"), False
         if self._on_error == "closed" and time.monotonic() < self._down_until:
             self.degraded_decisions += 1
-            return Decision(503, "store-unavailable", degraded=True)
+            return None, Decision(503, "store-unavailable", degraded=True), False
         mac = self._mac.copy()
         mac.update(presented.encode())
         digest = mac.hexdigest()  # the cache is keyed by the keyed hash, never by the key
         cached = self._cache.get(digest)
         now = time.time()
-        stale = False  # admitted from an expired cache entry while Redis is away
+        stale = False
+        key: ApiKey | None
         if cached is not None and cached[0] > time.monotonic():
             key = cached[1]
             state = "unknown" if key is None else key.state(int(now))
@@ -191,14 +194,39 @@ class AccessControl:
                     key, state, stale = known, "valid", True  # known valid: admitted without Redis
                 else:
                     self.degraded_decisions += 1
-                    return Decision(503, "store-unavailable", degraded=True)
+                    return None, Decision(503, "store-unavailable", degraded=True), False
             else:
                 if state != "malformed":
                     self._remember(digest, key, state)
         if key is None:
-            return Decision(401, "malformed" if state == "malformed" else "invalid-key")
+            reason = "malformed" if state == "malformed" else "invalid-key"
+            return None, Decision(401, reason), False
         if state != "valid":  # expired or revoked: refused, and counted for its consumer
-            return Decision(401, state, key)
+            return key, Decision(401, state, key), False
+        return key, None, stale
+
+    def rule_for(self, method: str, path: str) -> Rule | None:
+        """The first rule that matches, cached per method and path (paths repeat a lot)."""
+        cache_key = (method, path)
+        if cache_key in self._rule_cache:
+            return self._rule_cache[cache_key]
+        rule = next((r for r in self._rules if (not r.methods or method in r.methods)
+                     and r.pattern.match(path)), None)  # fmt: skip
+        if len(self._rule_cache) >= _CACHE_LIMIT:
+            self._rule_cache.clear()
+        self._rule_cache[cache_key] = rule
+        return rule
+
+    async def decide(self, scope: Scope) -> Decision:
+        rule = self.rule_for(scope.get("method", "GET"), scope.get("path", "/"))
+        address = self._client_address(scope)
+        if not self._network_ok(address, ()):
+            return Decision(403, "network")
+        key, answer, stale = await self._identify(scope, rule)
+        if answer is not None:
+            return answer
+        assert key is not None
+        now = time.time()
         if key.cidrs and not self._network_ok(address, key.cidrs):
             return Decision(403, "network", key)
         fence = await self._consumer_networks(key.consumer)
@@ -206,7 +234,8 @@ class AccessControl:
             return Decision(403, "network", key)
         if rule is not None and not rule.public and not rule.scopes.issubset(key.scopes):
             return Decision(403, "scope", key)
-        self._touch(key.id, int(now) // 60)
+        if key.digest:  # an API key (a resolver's callers have no key record)
+            self._touch(key.id, int(now) // 60)
         if stale:
             return self._unlimited(key)
         if self.limiter is None:

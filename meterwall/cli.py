@@ -667,6 +667,20 @@ def privacy_notice(fmt: str) -> None:
     click.echo(render(Settings.from_env(), "html" if fmt == "html" else "markdown"))
 
 
+@cli.group()
+def plugins() -> None:
+    """Installed plugins (entry point group meterwall.plugins); MW_PLUGINS activates them."""
+
+
+@plugins.command("list")
+@FORMAT
+def plugins_list(fmt: str) -> None:
+    """Every installed plugin, its kind and what it does. Installing one activates nothing."""
+    from .plugins import describe
+
+    _emit(describe(), fmt, "plugins")
+
+
 @cli.command("audit-log")
 @click.option("--since", help="How far back, e.g. 30d (default: everything kept).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",

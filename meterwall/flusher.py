@@ -20,7 +20,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgpack
@@ -45,6 +45,7 @@ from .metering import (
     Meter,
     counter_increments,
 )
+from .plugins import ValueRedactor
 from .pseudonyms import HOUR, IpPseudonymiser, derive, keyed_id
 from .records import build_record
 from .redaction import Redactor
@@ -80,7 +81,10 @@ _CACHE_LIMIT = 65536
 class Flusher:
     """Owns the in-process meter and queues of one middleware instance and drains them to Redis."""
 
-    def __init__(self, settings: Settings, clock: Clock, journal: Journal | None = None) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock, journal: Journal | None = None,
+        value_redactors: Sequence[ValueRedactor] = (),
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.clock = clock
         self.keyspace = settings.keyspace()
@@ -100,6 +104,7 @@ class Flusher:
                 derive(secret, "fingerprint"), self._address_pseudonym,
                 extra_secret_fields=[settings.api_key_query] if settings.api_key_query else (),
                 extra_credential_headers=[settings.api_key_header],
+                value_redactors=[r.redact for r in value_redactors],
             )  # fmt: skip
             self._index_key = derive(secret, "index")
             self._restriction_names = LongLivedPseudonyms(secret, "restriction")

@@ -12,14 +12,18 @@ import asyncio
 import logging
 import os
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from .access import DEGRADED, AccessControl, Decision, parse_networks, parse_rules, send_denial
 from .capture import Exchange, route_before_app
 from .clock import SYSTEM_CLOCK, Clock
+from .errors import ConfigurationError
 from .flusher import Flusher
 from .journal import Journal
 from .limits import Limiter, PathWeights, parse_plans
+from .plugins import Loaded, parse_names
+from .plugins import load as load_plugins
 from .pseudonyms import derive
 from .settings import Settings
 from .store import connect
@@ -56,15 +60,21 @@ class Meterwall:
         *,
         clock: Clock = SYSTEM_CLOCK,
         journal: Journal | None = None,
+        plugins: Iterable[Any] = (),
     ) -> None:
         self.app = app
         self.settings = settings if settings is not None else Settings.from_env()
         self.clock = clock
-        self.flusher = Flusher(self.settings, clock, journal)
+        self.plugins = load_plugins(parse_names(self.settings.plugins), self.settings, plugins)
+        if self.plugins.resolvers and self.settings.access != "keys":
+            raise ConfigurationError("MW_ACCESS", "a caller resolver plugin needs MW_ACCESS=keys")
+        self.flusher = Flusher(self.settings, clock, journal, self.plugins.redactors)
         header = self.settings.consumer_header
         self._consumer_header = header.lower().encode() if header else None
         self._body_limit = self.settings.body_limit
-        self.access = _access_control(self.settings, self.flusher, clock)
+        self.access = _access_control(self.settings, self.flusher, clock, self.plugins)
+        if self.plugins.names:
+            log.info("meterwall: plugins: %s", ", ".join(self.plugins.names))
         self._access_loop: asyncio.AbstractEventLoop | None = None
         for note in self.settings.weakened():
             log.warning("meterwall: trade-off in force: %s", note)
@@ -195,7 +205,9 @@ def health() -> list[dict[str, Any]]:
     return [instance.health() for instance in list(_INSTANCES)]
 
 
-def _access_control(settings: Settings, flusher: Flusher, clock: Clock) -> AccessControl | None:
+def _access_control(
+    settings: Settings, flusher: Flusher, clock: Clock, plugins: Loaded
+) -> AccessControl | None:
     if settings.access == "off":
         log.info("meterwall: MW_ACCESS=off: API keys are not checked (MW_ACCESS=keys to do so)")
         return None
@@ -207,7 +219,7 @@ def _access_control(settings: Settings, flusher: Flusher, clock: Clock) -> Acces
         allow=parse_networks(settings.access_allow, setting="MW_ACCESS_ALLOW"),
         deny=parse_networks(settings.access_deny, setting="MW_ACCESS_DENY"),
         on_redis_error=settings.access_on_redis_error, query_parameter=settings.api_key_query,
-        trusted_proxies=settings.trusted_proxies,
+        trusted_proxies=settings.trusted_proxies, resolvers=plugins.resolvers,
         limiter=Limiter(settings.keyspace(), parse_plans(settings.plans),
                         default_plan=settings.default_plan, zone_of=flusher.zone_of,
                         weight_of=PathWeights(settings.route_weights), clock=clock),

@@ -21,7 +21,7 @@ import hmac
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 import orjson
 
@@ -120,6 +120,7 @@ class Redactor:
         *,
         extra_secret_fields: Iterable[str] = (),
         extra_credential_headers: Iterable[str] = (),
+        value_redactors: Iterable[Callable[[str], str]] = (),
     ) -> None:
         if len(fingerprint_key) < _MIN_KEY_BYTES:
             # A short key would let anyone holding a record brute-force short credentials.
@@ -134,6 +135,7 @@ class Redactor:
         self._credential_headers = _CREDENTIAL_HEADERS | {
             h.strip().lower() for h in extra_credential_headers
         }
+        self._value_redactors = tuple(value_redactors)  # plugins: what the names cannot tell
         self._secret_cache: dict[str, bool] = {}
         self._header_cache: dict[str, str] = {}
         self._value_cache: dict[int, tuple[str, str]] = {}
@@ -278,10 +280,21 @@ class Redactor:
             return text
         parts = text.split("&")
         for i, part in enumerate(parts):
-            name, eq, _ = part.partition("=")
+            name, eq, value = part.partition("=")
             if eq and self.is_secret_name(unquote_plus(name, encoding="latin-1")):
                 parts[i] = f"{name}={SECRET_MASK}"
+            elif eq and self._value_redactors:
+                plain = unquote_plus(value, encoding="latin-1")
+                redacted = self.redact_value(plain)
+                if redacted != plain:
+                    parts[i] = f"{name}={quote_plus(redacted)}"
         return "&".join(parts)
+
+    def redact_value(self, text: str) -> str:
+        """A string value through every redactor plugin, in order."""
+        for redact in self._value_redactors:
+            text = redact(text)
+        return text
 
     def body(
         self, content_type: str | None, data: bytes, *, size: int, truncated: bool
@@ -331,6 +344,12 @@ class Redactor:
                         node[key] = SECRET_MASK  # same key: the dict's size does not change
                     elif isinstance(value, dict | list):
                         stack.append((value, depth + 1))
+                    elif isinstance(value, str) and self._value_redactors:
+                        node[key] = self.redact_value(value)
             elif isinstance(node, list):
-                stack.extend((item, depth + 1) for item in node if isinstance(item, dict | list))
+                for i, item in enumerate(node):
+                    if isinstance(item, dict | list):
+                        stack.append((item, depth + 1))
+                    elif isinstance(item, str) and self._value_redactors:
+                        node[i] = self.redact_value(item)
         return (root,)

@@ -182,6 +182,7 @@ class Settings:
     default_plan: str = ""
     api_key_query: str = ""
     audit_log_retention: float = 396 * 86400.0
+    plugins: str = ""
 
     def __post_init__(self) -> None:
         self._check()
@@ -273,6 +274,9 @@ class Settings:
         parse_networks(self.access_allow, setting=env_name("access_allow"))
         parse_networks(self.access_deny, setting=env_name("access_deny"))
         from .limits import parse_plans
+        from .plugins import parse_names
+
+        parse_names(self.plugins, setting=env_name("plugins"))
 
         plans = parse_plans(self.plans, setting=env_name("plans"))
         if self.default_plan and self.default_plan not in plans:

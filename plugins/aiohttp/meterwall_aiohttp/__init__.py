@@ -184,7 +184,7 @@ class _Plugin:
     """What ``meterwall plugins list`` shows for this package."""
 
     name = "aiohttp"
-    kind = "framework adapter"
+    kind = "adapter"
     summary = "meterwall for aiohttp.web: meterwall_aiohttp.setup(app, settings)"
 
 
