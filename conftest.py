@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -63,14 +64,18 @@ def keypair() -> tuple[bytes, str]:
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, keypair: tuple[bytes, str]) -> Settings:
-    """Secure-default settings against the suite's Redis, isolated by the test's key prefix."""
+def settings(
+    redis_url: str, key_prefix: str, keypair: tuple[bytes, str], tmp_path: Path
+) -> Settings:
+    """Secure-default settings against the suite's Redis, isolated by the test's key prefix
+    (and with a journal directory of the test's own)."""
     return Settings(
         redis_url=redis_url,
         key_prefix=key_prefix,
         record_public_key=keypair[1],
         pseudonym_secret=Secret(os.urandom(32)),
         flush_interval=0.02,
+        journal_dir=str(tmp_path / "journal"),
     )
 
 

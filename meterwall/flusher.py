@@ -19,8 +19,10 @@ import logging
 import os
 import random
 import struct
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
@@ -34,7 +36,7 @@ from .clientip import canonical_ip, forget_addresses
 from .clock import Clock
 from .consumers import Consumer, ConsumerRegistry
 from .errors import ConfigurationError
-from .journal import Journal, NullJournal
+from .journal import FileJournal, Journal, NullJournal, deployment_dir, orphans
 from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET
 from .metering import (
     KIND_1H,
@@ -58,6 +60,7 @@ log = logging.getLogger("meterwall")
 BATCH_VERSION = 3  # the packed batch format lua/apply_batch.lua accepts
 _REGISTRY_EVERY = 10.0  # seconds between reads of the consumer registry
 _RESTRICTIONS_EVERY = 1.0  # seconds between reads of the restriction list
+_ADOPT_EVERY = 5.0  # seconds between looks for dead writers' journals
 _EXCHANGE_OVERHEAD = 512  # bytes a queued exchange costs beyond its captured body (estimate)
 _SLICE_NS = 500_000  # the flusher gives the loop back at least every 0.5 ms of sealing
 
@@ -91,7 +94,10 @@ class Flusher:
         self.meter = Meter()
         self.inbox: ByteBoundedQueue[Exchange] = ByteBoundedQueue(settings.buffer_bytes)
         self.outbox: ByteBoundedQueue[Sealed] = ByteBoundedQueue(settings.buffer_bytes)
+        self._given_journal = journal  # tests pass their own; else a FileJournal per writer
         self.journal: Journal = journal or NullJournal()
+        self._journal_dir = _journal_dir(settings)
+        self._next_adoption = 0.0
         self.records_on = settings.records == "sealed"
         self._retention = int(settings.raw_retention)
         if self.records_on:
@@ -130,6 +136,8 @@ class Flusher:
         self._pending: dict[int, tuple[int, bytes, int]] = {}  # shard -> (seq, payload, records)
         self._dropped_total = 0
         self.batches_refused = 0
+        self.journals_adopted = 0
+        self.journal_error: str | None = None
         self._new_writer()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,6 +169,9 @@ class Flusher:
         What the parent captured before the fork stays the parent's to flush; keeping a copy
         here would count it twice.
         """
+        if isinstance(self.journal, FileJournal):
+            self.journal.forget_after_fork()  # the parent's journal and lock stay the parent's
+            self.journal = NullJournal()
         self._new_writer()
         if self.records_on:  # never the parent's data key: its nonce counter would repeat
             self.sealer = RecordSealer(self.sealer.public_key)
@@ -177,20 +188,23 @@ class Flusher:
     # -- request path ------------------------------------------------------------------------
 
     def submit(self, ex: Exchange) -> None:
-        """Meter and queue one finished exchange. No I/O; safe and cheap on the request path."""
+        """Meter and queue one finished exchange: memory, and one append to the journal file."""
+        task = self._task
+        if task is None or task.done() or self._loop is not asyncio.get_running_loop():
+            self.start()
         method = ex.scope.get("method", "")
-        self.meter.add(
-            ex.start_ns // 1_000_000_000, ex.consumer, ex.key_id, ex.route,
-            method if method in METHODS else "OTHER",
-            ex.status or 499, ex.ttfb_ns, ex.bytes_in, ex.bytes_out, ex.denied,
-        )  # fmt: skip
+        row = (ex.start_ns // 1_000_000_000, ex.consumer, ex.key_id, ex.route,
+               method if method in METHODS else "OTHER", ex.status or 499, ex.ttfb_ns,
+               ex.bytes_in, ex.bytes_out, ex.denied)  # fmt: skip
+        self.meter.add(*row)
+        try:
+            self.journal.delta(row)
+        except OSError as exc:  # a full disk must not fail requests: go on without a journal
+            self._journal_failed(exc)
         if self.records_on:
             self.inbox.put(ex, min(ex.bytes_in, self.settings.body_limit) + _EXCHANGE_OVERHEAD)
             if len(self.inbox) >= self.settings.batch_max_records:
                 self._wake.set()
-        task = self._task
-        if task is None or task.done() or self._loop is not asyncio.get_running_loop():
-            self.start()
 
     def start(self) -> None:
         """Start the background task in the running loop (again after a fork or a new loop)."""
@@ -204,6 +218,7 @@ class Flusher:
             self._lock = asyncio.Lock()
         self._loop = loop
         self._closing = False
+        self._open_journal()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._task = loop.create_task(self._run(), name="meterwall-flusher")
 
@@ -242,11 +257,17 @@ class Flusher:
             if self.records_on:
                 for hour in self.pseudonyms.unpublished_hours():
                     await self.pseudonyms.prepare(hour, redis)
+            if time.monotonic() >= self._next_adoption:
+                await self._adopt_orphans(redis)
             if not self._pending:
                 await self._read_registry(redis)
                 self._pack(counters_due=self._flushing or time.monotonic() >= self._counters_at)
             if self._pending:
                 await self._send(redis)
+            try:
+                self.journal.compact(self.meter.peek())
+            except OSError as exc:
+                self._journal_failed(exc)
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return False
@@ -271,8 +292,10 @@ class Flusher:
                     "meterwall: Redis %s: counts may be lost or doubled", self.eviction_warning
                 )
         run_id = await server_run_id(redis)
-        if self.records_on and self._run_id and run_id != self._run_id:
-            self.pseudonyms.republish()  # a restarted Redis may have lost them
+        if self._run_id and run_id != self._run_id:
+            if self.records_on:
+                self.pseudonyms.republish()  # a restarted Redis may have lost them
+            await self._resend_recent(redis)
         self._run_id = run_id
         self._shards_checked = True
         self._next_server_check = time.monotonic() + _SERVER_CHECK_EVERY
@@ -450,24 +473,36 @@ class Flusher:
         if not shards:
             return
         self._seq += 1
+        batches: dict[int, bytes] = {}
         for shard in sorted(shards):
             records = by_shard.get(shard, [])
             counters = self._counters.pop(shard, {})
-            payload = msgpack.packb(
-                [
-                    BATCH_VERSION, self.writer, self._seq, self._retention,
-                    [[kind, bucket, name, n, at] for (kind, bucket, name), (n, at)
-                     in counters.items()],
-                    _record_groups(records),
-                    self._data_keys(records),
-                    stats if shard == 0 else [],
-                    uniques.get(shard, []),
-                    int(self.settings.lateness),
-                ],
-                use_bin_type=False,  # Redis's cmsgpack reads raw strings, not the bin type
-            )  # fmt: skip
+            shard_stats = stats if shard == 0 else []
+            payload = self._payload(
+                self.writer, self._seq, counters, records, shard_stats, uniques.get(shard, [])
+            )
             self._pending[shard] = (self._seq, payload, len(records))
-            self.journal.packed(self.writer, shard, self._seq, payload)
+            batches[shard] = payload
+        try:
+            self.journal.packed(self.writer, self._seq, batches, counters_due)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _payload(
+        self, writer: str, seq: int, counters: dict[Any, list[int]], records: list[Sealed],
+        stats: list[list[Any]], uniques: list[Any],
+    ) -> bytes:  # fmt: skip
+        """One shard's packed batch, as ``lua/apply_batch.lua`` reads it."""
+        packed: bytes = msgpack.packb(
+            [
+                BATCH_VERSION, writer, seq, self._retention,
+                [[kind, bucket, name, n, at] for (kind, bucket, name), (n, at) in counters.items()],
+                _record_groups(records), self._data_keys(records), stats, uniques,
+                int(self.settings.lateness),
+            ],
+            use_bin_type=False,  # Redis's cmsgpack reads raw strings, not the bin type
+        )  # fmt: skip
+        return packed
 
     def _data_keys(self, records: Iterable[Sealed]) -> list[list[Any]]:
         """The wrapped data keys the records need; the script stores each once (SET NX)."""
@@ -491,6 +526,70 @@ class Flusher:
             # "applied", or "duplicate": an earlier attempt of this very batch landed.
             seq, _, _ = self._pending.pop(shard)
             self.journal.applied(self.writer, shard, seq)
+
+    # -- journal -----------------------------------------------------------------------------
+
+    def _open_journal(self) -> None:
+        if self._given_journal is not None or self._journal_dir is None:
+            return
+        if isinstance(self.journal, FileJournal) and self.journal.writer == self.writer:
+            return
+        try:
+            self.journal = FileJournal(self._journal_dir, self.writer)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        log.error("meterwall: journal off (%s): a kill can now lose counts", exc)
+        self.journal_error = str(exc)
+        self.journal = NullJournal()
+        self._journal_dir = None
+
+    async def _adopt_orphans(self, redis: Redis) -> None:
+        """Replay the journals of dead writers of this deployment (every few seconds)."""
+        self._next_adoption = time.monotonic() + _ADOPT_EVERY
+        if self._journal_dir is None:
+            return
+        for orphan in orphans(self._journal_dir, self.writer):
+            try:
+                batches, deltas, top = orphan.read()
+                for _, shard, payload in batches:
+                    await self._apply_one(redis, shard, payload)
+                increments = counter_increments(
+                    deltas, self.zone_of, self._weight_of, self._aggregate_retention
+                )
+                by_shard: dict[int, dict[Any, list[int]]] = {}
+                for consumer, rows in increments.items():
+                    merged = by_shard.setdefault(self.keyspace.shard_of(consumer), {})
+                    for key, (value, expire_at) in rows.items():
+                        merged.setdefault(key, [0, expire_at])[0] += value
+                for shard, counters in by_shard.items():  # one more batch of the dead writer
+                    payload = self._payload(orphan.writer, top + 1, counters, [], [], [])
+                    await self._apply_one(redis, shard, payload)
+            except (RedisError, OSError):
+                orphan.abandon()
+                raise
+            except Exception:
+                orphan.abandon()
+                log.exception("meterwall: could not replay the journal of %s", orphan.writer)
+                continue
+            orphan.release()
+            self.journals_adopted += 1
+            log.info("meterwall: replayed the journal of writer %s (%d batches, %d deltas)",
+                     orphan.writer, len(batches), len(deltas))  # fmt: skip
+
+    async def _apply_one(self, redis: Redis, shard: int, payload: bytes) -> None:
+        reply = (await apply_batches(redis, self.keyspace, {shard: payload}))[shard]
+        if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
+            log.error("meterwall: shard %d refused a replayed batch: %s", shard, reply)
+            self.batches_refused += 1
+        elif isinstance(reply, Exception):
+            raise reply
+
+    async def _resend_recent(self, redis: Redis) -> None:
+        """Redis restarted: what it acknowledged in the last seconds may be gone; send again."""
+        for shard, payload in self.journal.recent():
+            await self._apply_one(redis, shard, payload)
 
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
@@ -544,6 +643,9 @@ class Flusher:
         done = await self.flush(timeout)
         if not done:
             log.error("meterwall: shutdown left unflushed data (%s)", self.last_error)
+        self.journal.close(clean=done)  # not done: another worker adopts what is left
+        if self._given_journal is None:
+            self.journal = NullJournal()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -588,3 +690,12 @@ def _record_groups(records: list[Sealed]) -> list[list[Any]]:
         )
         groups.append([slice_start, len(items), blobs, idents])
     return groups
+
+
+def _journal_dir(settings: Settings) -> Path | None:
+    """This deployment's journal directory, or None with ``MW_JOURNAL_DIR=off``."""
+    if settings.journal_dir == "off":
+        return None
+    base = settings.journal_dir or os.path.join(tempfile.gettempdir(),
+                                                f"meterwall-journal-{os.getuid()}")  # fmt: skip
+    return deployment_dir(base, settings.redis_url, settings.key_prefix)

@@ -66,6 +66,19 @@ class Meter:
             row[1] += bytes_in
             row[2] += bytes_out
 
+    def merge(self, key: DeltaKey, values: list[int]) -> None:
+        """Add already-bucketed deltas (a journal's snapshot)."""
+        row = self._deltas.get(key)
+        if row is None:
+            self._deltas[key] = list(values)
+        else:
+            for i, value in enumerate(values):
+                row[i] += value
+
+    def peek(self) -> Deltas:
+        """The deltas not taken yet (read only: the journal snapshots them)."""
+        return self._deltas
+
     def take(self) -> Deltas:
         """Hand the deltas made so far to the flusher and start afresh."""
         deltas, self._deltas = self._deltas, {}

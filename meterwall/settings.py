@@ -183,6 +183,7 @@ class Settings:
     api_key_query: str = ""
     audit_log_retention: float = 396 * 86400.0
     plugins: str = ""
+    journal_dir: str = ""
 
     def __post_init__(self) -> None:
         self._check()

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from meterwall import Meterwall
+from meterwall.journal import NullJournal
 from meterwall.store import apply_batches
 from meterwall.usage import UsageReader
 from tests.helpers import serve, stop
@@ -16,15 +17,15 @@ from tests.test_flusher import ok_app, requests_in_redis
 from tests.test_middleware import _discard, body_receive, http_scope
 
 
-class RecordingJournal:
+class RecordingJournal(NullJournal):
     """The journal seam, used to keep every packed batch so that it can be replayed."""
 
     def __init__(self) -> None:
         self.packed_batches: list[tuple[int, bytes]] = []
         self.applied_seqs: list[int] = []
 
-    def packed(self, writer: str, shard: int, seq: int, payload: bytes) -> None:
-        self.packed_batches.append((shard, payload))
+    def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
+        self.packed_batches.extend(batches.items())
 
     def applied(self, writer: str, shard: int, seq: int) -> None:
         self.applied_seqs.append(seq)

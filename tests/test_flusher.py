@@ -132,10 +132,12 @@ async def test_requests_are_served_while_redis_is_down_and_counts_arrive_after(
             assert await mw.aclose() is True
             client = aioredis.Redis.from_url(restarted.url)
             try:
-                assert await requests_in_redis(client, own) == 20
+                # 20 from the outage, and the first request again: Redis lost it when it
+                # restarted empty, and the journal sends what was acknowledged just before
+                assert await requests_in_redis(client, own) == 21
                 records = await RecordReader(client, own, private_key).records()
-                assert {r["path"] for r in records} == {"/during-outage"}
-                assert len(records) == 20
+                assert sorted({r["path"] for r in records}) == ["/", "/during-outage"]
+                assert len(records) == 21
                 # the pseudonym key made while Redis was away was published with the records
                 assert len(await client.keys(f"{own.key_prefix}:epk:*")) == 1
             finally:

@@ -1,0 +1,103 @@
+"""The journal: a killed worker loses no count; its journal stays small and is adopted."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from meterwall import Meterwall, Settings
+from meterwall.journal import FileJournal, orphans
+from meterwall.usage import UsageReader
+from tests.helpers import serve, stop
+from tests.test_flusher import ok_app
+
+ROW = (1_800_000_000, "acme", "", "/x", "GET", 200, 1_000_000, 10, 20, "")
+
+
+def test_a_journal_holds_exactly_what_is_not_in_a_batch(tmp_path: Path) -> None:
+    journal = FileJournal(tmp_path, "w1", rotate_s=0)
+    for _ in range(3):
+        journal.delta(ROW)
+    journal.packed("w1", 1, {0: b"batch-1"}, took_deltas=True)  # the 3 deltas are inside it
+    journal.applied("w1", 0, 1)
+    journal.delta(ROW)
+    journal.packed("w1", 2, {3: b"records-only"}, took_deltas=False)  # deltas stay outside
+    journal.delta((*ROW[:3], "/y", *ROW[4:]))
+    assert [o.writer for o in orphans(tmp_path, "someone-else")] == []  # w1 is alive
+    journal.close(clean=False)  # a crash, as far as the files can tell
+    [orphan] = list(orphans(tmp_path, "someone-else"))
+    batches, deltas, top = orphan.read()
+    assert batches == [(1, 0, b"batch-1"), (2, 3, b"records-only")]
+    assert top == 2
+    assert sorted((key[3], values[0]) for key, values in deltas.items()) == [("/x", 1), ("/y", 1)]
+    orphan.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compaction_keeps_only_what_is_needed_and_a_torn_tail_is_ignored(tmp_path: Path) -> None:
+    from meterwall.metering import Meter
+
+    journal = FileJournal(tmp_path, "w2", rotate_s=0)
+    meter = Meter()
+    for _ in range(100):
+        meter.add(*ROW)
+        journal.delta(ROW)
+    journal.packed("w2", 7, {1: b"unacknowledged"}, took_deltas=False)
+    journal.compact(meter.peek())  # a new segment: a snapshot of 100 deltas and the batch
+    assert len(list(tmp_path.glob("w2.*.seg"))) == 1
+    assert (tmp_path / "w2.00000002.seg").stat().st_size < 200
+    journal.delta(ROW)
+    journal.close(clean=False)
+    with (tmp_path / "w2.00000002.seg").open("ab") as segment:
+        segment.write(b"\x00\x00\x10\x00D\x93")  # a kill in the middle of a write
+    [orphan] = list(orphans(tmp_path, "live"))
+    batches, deltas, _ = orphan.read()
+    assert batches == [(7, 1, b"unacknowledged")]
+    assert [values[0] for values in deltas.values()] == [101]
+    orphan.abandon()
+
+
+async def test_a_killed_worker_loses_no_count(redis, settings: Settings, tmp_path: Path) -> None:
+    own = settings.replace(counter_flush_interval=300, consumer_header="X-Consumer")
+    assert own.pseudonym_secret is not None
+    env = {"MW_REDIS_URL": own.redis_url, "MW_KEY_PREFIX": own.key_prefix,
+           "MW_RECORD_PUBLIC_KEY": own.record_public_key or "",
+           "MW_PSEUDONYM_SECRET": base64.b64encode(own.pseudonym_secret.reveal()).decode(),
+           "MW_CONSUMER_HEADER": "X-Consumer", "MW_COUNTER_FLUSH_INTERVAL": "300",
+           "MW_JOURNAL_DIR": own.journal_dir}  # fmt: skip
+    servers, [port] = await serve(env, 1)
+    consumers = [f"c{n:03d}" for n in range(40)]
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            for n in range(200):
+                url = f"http://127.0.0.1:{port}/echo/{n}"
+                reply = await client.post(url, content=b"x" * n,
+                                          headers={"X-Consumer": consumers[n % 40]})  # fmt: skip
+                assert reply.status_code == 200
+    finally:
+        await stop(servers, signal.SIGKILL)  # no shutdown, no final flush
+    month = datetime.now(UTC).strftime("%Y-%m")
+    reader = UsageReader(redis, own.keyspace())
+    before = [await reader.totals(c, month, ["route"]) for c in consumers]
+    assert sum(r["requests"] for rows in before for r in rows) < 200  # the kill lost some...
+    started = time.monotonic()
+    survivor = Meterwall(ok_app, settings=own)  # e.g. the restarted worker
+    survivor.flusher.start()  # as at lifespan start-up
+    assert await survivor.flusher.flush_once() is True  # its first flush adopts the journal
+    assert survivor.flusher.journals_adopted == 1
+    assert time.monotonic() - started < 5
+    for index, consumer in enumerate(consumers):
+        [row] = await reader.totals(consumer, month, ["route"])
+        assert (row["route"], row["requests"]) == ("/echo/{n:int}", 5)  # ...the journal none
+        assert row["bytes_in"] == sum(n for n in range(200) if n % 40 == index)
+    await survivor.aclose()
+    assert segments(Path(own.journal_dir)) == []  # everything reached Redis
+
+
+def segments(directory: Path) -> list[Path]:
+    return list(directory.rglob("*.seg"))
