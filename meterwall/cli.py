@@ -267,6 +267,8 @@ def _consumer_row(consumer: Consumer) -> dict[str, Any]:
 @click.pass_context
 @click.option("--consumer", help="One consumer; omit with --top to rank all consumers.")
 @click.option("--period", help="A month (2026-11) or a day (2026-11-23), local.")
+@click.option("--from", "first_day", help="First local day (YYYY-MM-DD), with --to.")
+@click.option("--to", "last_day", help="Last local day (YYYY-MM-DD), inclusive.")
 @click.option(
     "--by", default="route", show_default=True, help="Group by: key_id,route,method,status or ''."
 )
@@ -277,14 +279,17 @@ def _consumer_row(consumer: Consumer) -> dict[str, Any]:
 @FORMAT
 @run_async
 async def usage(
-    ctx: click.Context, consumer: str | None, period: str | None, by: str, granularity: str,
-    top: int | None, tz: str | None, fmt: str,
+    ctx: click.Context, consumer: str | None, period: str | None, first_day: str | None,
+    last_day: str | None, by: str, granularity: str, top: int | None, tz: str | None, fmt: str,
 ) -> None:  # fmt: skip
     """Usage from the ledger, in each consumer's billing time zone."""
     if ctx.invoked_subcommand is not None:
         return
-    if period is None:
-        _fail("give --period YYYY-MM or YYYY-MM-DD")
+    if (first_day is None) != (last_day is None) or (first_day and period):
+        _fail("give --period, or --from and --to")
+        return
+    if period is None and first_day is None:
+        _fail("give --period YYYY-MM or YYYY-MM-DD, or --from and --to")
         return
     async with _reader() as (redis, settings):
         reader = UsageReader(
@@ -292,11 +297,20 @@ async def usage(
             retention_15m=settings.retention_15m,
         )  # fmt: skip
         if top is not None:
-            with out.status("reading every consumer's usage...") if fmt == "table" else _quiet():
-                rows = await reader.top(period, n=top)
+            if period is None:
+                _fail("--top needs --period")
+                return
+            with _late_progress("reading every consumer's usage", fmt == "table") as tick:
+                rows = await reader.top(period, n=top, progress=tick)
         elif consumer is None:
             _fail("give --consumer C, or --top N to rank all consumers")
             return
+        elif first_day is not None and last_day is not None:
+            dims = [d.strip() for d in by.split(",") if d.strip()]
+            rows = await reader.totals_between(consumer, first_day, last_day, dims)
+            period = f"{first_day}..{last_day}"
+        elif period is None:
+            return  # unreachable: --period or --from/--to was checked above
         elif granularity == "day":
             rows = await reader.series(consumer, period)
         else:
@@ -460,8 +474,29 @@ async def keys_rotate(key_id: str, grace: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    yield
+def _late_progress(what: str, show: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr that appears only once the work has taken over a second."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    started = time.monotonic()
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(),
+                   console=Console(stderr=True), transient=True)  # fmt: skip
+    task = None
+
+    def tick(done: int, total: int) -> None:
+        nonlocal task
+        if not show or (task is None and time.monotonic() - started < 1.0):
+            return
+        if task is None:
+            bar.start()
+            task = bar.add_task(what, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield tick
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def private_key_from(path: Path | None) -> Any:

@@ -9,9 +9,9 @@ cross product of dimensions.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from .consumers import zone
@@ -84,11 +84,7 @@ class UsageReader:
 
         Rows carry every measure plus p50/p90/p99 of the time to the response start (ms).
         """
-        unknown = set(by) - set(DIMENSIONS)
-        if unknown:
-            raise ConfigurationError(
-                "by", f"unknown dimension(s) {sorted(unknown)}; use {DIMENSIONS}"
-            )
+        _check_dimensions(by)
         period_days(period)  # validates the period's form
         if len(period) == 7:
             frozen = await snapshot(self._redis, self._keyspace, consumer, period)
@@ -99,6 +95,23 @@ class UsageReader:
         else:
             key = self._keyspace.counters_day(consumer, period)
         return _group(await self._redis.hgetall(key), by)
+
+    async def totals_between(
+        self, consumer: str, first_day: str, last_day: str, by: Sequence[str] = ()
+    ) -> list[dict[str, Any]]:
+        """A consumer's usage from ``first_day`` to ``last_day`` (YYYY-MM-DD, inclusive, local
+        days of its billing zone), summed from the day buckets (kept 13 months)."""
+        days = _days(first_day, last_day)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self._keyspace.counters_day(consumer, day))
+            replies = await pipe.execute()
+        merged: dict[bytes, int] = {}
+        for fields in replies:
+            for name, value in fields.items():
+                merged[name] = merged.get(name, 0) + int(value)
+        _check_dimensions(by)
+        return _group(merged, by)
 
     async def totals_in_zone(
         self, consumer: str, period: str, zone_name: str, by: Sequence[str] = ()
@@ -150,9 +163,12 @@ class UsageReader:
         return rows
 
     async def top(
-        self, period: str, *, measure: str = "requests", n: int = 10
-    ) -> list[dict[str, Any]]:
-        """The consumers with the most ``measure`` in a month ('YYYY-MM') or day."""
+        self, period: str, *, measure: str = "requests", n: int = 10,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The consumers with the most ``measure`` in a month ('YYYY-MM') or day.
+
+        ``progress(done, total)`` is called after each thousand consumers read."""
         if measure not in MEASURES:
             raise ConfigurationError("measure", f"use one of {MEASURES}")
         kind = "cm" if len(period) == 7 else "cd"
@@ -169,6 +185,8 @@ class UsageReader:
                 consumer = raw_key.decode().split(f":{kind}:", 1)[1].rsplit(":", 1)[0]
                 [row] = _group(fields, ()) or [_empty()]
                 totals.append({"consumer": consumer, **row})
+            if progress is not None:
+                progress(min(start + 1000, len(keys)), len(keys))
         totals.sort(key=lambda row: (-row[measure], row["consumer"]))
         return totals[:n]
 
@@ -213,3 +231,22 @@ def _quantile(histogram: Iterable[tuple[int, int]], q: float) -> float:
         if seen >= q * total:
             return latency_bucket_value_us(bucket)
     return latency_bucket_value_us(ordered[-1][0])
+
+
+def _check_dimensions(by: Sequence[str]) -> None:
+    unknown = set(by) - set(DIMENSIONS)
+    if unknown:
+        raise ConfigurationError("by", f"unknown dimension(s) {sorted(unknown)}; use {DIMENSIONS}")
+
+
+def _days(first: str, last: str) -> list[str]:
+    """Every day from ``first`` to ``last`` inclusive (at most 400: the day buckets' reach)."""
+    try:
+        start, end = date.fromisoformat(first), date.fromisoformat(last)
+    except ValueError:
+        raise ConfigurationError("--from", "days are YYYY-MM-DD") from None
+    if end < start:
+        raise ConfigurationError("--to", "is before --from")
+    if (end - start).days > 400:
+        raise ConfigurationError("--to", "at most 400 days (day buckets are kept 13 months)")
+    return [(start + timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -53,6 +53,9 @@ async def test_days_and_months_follow_the_consumers_billing_zone(
     assert [r["requests"] for r in await reader.series("acme", "2026-10")][-1] == 2
     [first_day] = await reader.totals("acme", "2026-11-01")
     assert first_day["requests"] == 1
+    [across] = await reader.totals_between("acme", "2026-10-30", "2026-11-02")
+    assert across["requests"] == 3  # local days on both sides of the month's end
+    assert await reader.totals_between("acme", "2026-11-02", "2026-11-05") == []
 
 
 async def test_units_follow_route_weights_and_5xx_carry_none(redis, settings) -> None:
@@ -116,6 +119,14 @@ async def test_the_cli_reads_the_same_numbers_as_python(redis, settings) -> None
     csv = meterwall("usage", "--top", "5", "--period", month, "--format", "csv", env=env)
     assert csv.stdout.splitlines()[0].startswith("consumer,requests,units")
     assert csv.stdout.splitlines()[1].startswith("acme,3,3")
+    today = datetime.now(UTC).date()
+    days = ["--from", str(today - timedelta(days=3)), "--to", str(today + timedelta(days=1))]
+    ranged = meterwall("usage", "--consumer", "acme", *days, "--format", "json", env=env)
+    assert ranged.returncode == 0, ranged.stderr
+    assert [r["requests"] for r in json.loads(ranged.stdout)] == [3]
+    reversed_range = meterwall("usage", "--consumer", "acme", "--from", str(today),
+                               "--to", str(today - timedelta(days=1)), env=env)  # fmt: skip
+    assert (reversed_range.returncode, reversed_range.stderr.count("\n")) == (2, 1)
     bad = meterwall("usage", "--consumer", "acme", "--period", "November", env=env)
     assert bad.returncode == 2
     assert (
