@@ -105,6 +105,10 @@ def _host(token: str) -> str:
     return token
 
 
+#: The characters of a urlencoded form body (one flat class: linear, no backtracking).
+_FORM_SAFE = re.compile(rb"[A-Za-z0-9%+._~*\-=&;]*")
+
+
 class Redactor:
     """Turns captured request parts into their redacted, storable form.
 
@@ -316,7 +320,9 @@ class Redactor:
                     out["kind"] = "json"
                     out["json"] = masked[0]
                     return out
-            elif media == _FORM_TYPE:
+            elif media == _FORM_TYPE and _FORM_SAFE.fullmatch(data):
+                # Only a body that really is urlencoded: anything else labelled as a form
+                # (a JSON document, free text) would keep its secrets where no name marks them.
                 out["kind"] = "form"
                 out["form"] = self._mask_pairs(_text(data))
                 return out
