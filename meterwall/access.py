@@ -181,7 +181,9 @@ class AccessControl:
         else:
             store = KeyStore(self._redis, self._keyspace, self._server_key)
             try:
-                key, state = await store.verify(presented, int(now))
+                # shielded: a request cancelled by its client must not cut a command in half
+                lookup = asyncio.ensure_future(store.verify(presented, int(now)))
+                key, state = await asyncio.shield(lookup)
             except Exception as exc:  # any store failure: the failure policy decides
                 self._down_until = time.monotonic() + 5
                 log.warning("meterwall: access check could not reach Redis: %s", exc)

@@ -13,7 +13,7 @@ import hashlib
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
@@ -22,6 +22,7 @@ from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .settings import Settings
 
+MAX_CONNECTIONS = 32  # per client; a process has a few clients (flusher, access, listener)
 APPLY_SCRIPT = resources.files("meterwall").joinpath("lua/apply_batch.lua").read_bytes()
 APPLY_SHA = hashlib.sha1(APPLY_SCRIPT, usedforsecurity=False).hexdigest()
 
@@ -32,14 +33,17 @@ def connect(settings: Settings, *, timeout: float | str | None = "default") -> R
     ``timeout`` overrides ``MW_REDIS_TIMEOUT`` (None: no read timeout, for pub/sub listeners).
     """
     read_timeout = settings.redis_timeout if timeout == "default" else timeout
-    client: Redis = Redis.from_url(
+    # A blocking pool: when every connection is busy a caller waits (up to the timeout) for
+    # one instead of failing at once, and the number of connections to Redis stays bounded.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=settings.redis_timeout,
         socket_timeout=read_timeout,
         socket_connect_timeout=settings.redis_timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 0),  # zero retries: a timed-out command is never re-sent
     )
-    return client
+    return Redis.from_pool(pool)  # the client owns the pool and closes it with itself
 
 
 async def server_run_id(redis: Redis) -> str:
