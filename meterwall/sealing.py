@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
+from .codec import decode, encode
 from .errors import ConfigurationError, InvalidRecord
 
 VERSION = 1
-CODEC_RAW = 0
 HOUR_NS = 3600 * 1_000_000_000
 _HEADER = struct.Struct(">B8sQ16s")  # version, key id, time ns, record id
 _HEADER_LEN = _HEADER.size + 12  # plus the nonce
@@ -132,7 +132,7 @@ class RecordSealer:
         key = self.data_key(time_ns // HOUR_NS)
         nonce = key.nonce_prefix + next(self._nonces).to_bytes(8, "big")
         header = _HEADER.pack(VERSION, key.key_id, time_ns, record_id)
-        body = key.aead.encrypt(nonce, bytes((CODEC_RAW,)) + plaintext, header)
+        body = key.aead.encrypt(nonce, encode(plaintext), header)
         return header + nonce + body, key
 
 
@@ -189,6 +189,4 @@ class RecordOpener:
             )
         except InvalidTag:
             raise InvalidRecord("record failed authentication") from None
-        if not plain or plain[0] != CODEC_RAW:
-            raise InvalidRecord("unknown record codec")
-        return plain[1:]
+        return decode(plain)

@@ -77,3 +77,23 @@ def test_key_loading_errors_name_the_setting() -> None:
         load_public_key("***")
     with pytest.raises(ConfigurationError, match="MW_RECORD_PRIVATE_KEY_FILE"):
         load_private_key(b"-----BEGIN NOTHING-----")
+
+
+def test_records_are_compressed_before_sealing_and_raw_ones_still_open() -> None:
+    from meterwall.codec import CODEC_RAW, decode, encode
+
+    sealer, opener = sealer_and_opener()
+    headers = [["host", "api.example"], ["user-agent", "Mozilla/5.0 (X11)"],
+               ["accept", "application/json"], ["authorization", "Bearer fp:0a1b2c"]]  # fmt: skip
+    record = (
+        b'{"v":1,"id":"' + os.urandom(16).hex().encode() + b'","method":"POST","route":"/items",'
+        b'"status":201,"decision":"admitted","headers":' + repr(headers).encode() + b"}"
+    )
+    blob, key = sealer.seal(record, NOW, os.urandom(16))
+    assert opener.open(blob, key.wrapped) == record
+    assert len(blob) < len(record)  # envelope overhead included
+    assert decode(bytes((CODEC_RAW,)) + record) == record  # the first codec stays readable
+    with pytest.raises(InvalidRecord):
+        decode(encode(record)[:-3])  # a truncated frame
+    with pytest.raises(InvalidRecord):
+        decode(b"\x07" + record)  # a codec this version does not know
