@@ -28,7 +28,7 @@ from .errors import ConfigurationError, RetentionExceeded
 from .keyspace import Keyspace
 from .periods import adjustments, close_period
 from .settings import Settings, parse_duration
-from .store import connect
+from .store import connect, eviction_policy, server_run_id, stored_shards
 from .tracing import TraceQuery, Tracer, parse_instant
 from .usage import DIMENSIONS, UsageReader
 
@@ -237,6 +237,31 @@ def admin_app(
             {"query": found.query, "summary": found.summary(), "records": found.records}
         )
 
+    async def health(request: Request) -> Response:
+        """The deployment as Redis sees it (app workers report their own via health())."""
+        redis = client()
+        started = time.perf_counter()
+        await redis.ping()
+        latency_ms = (time.perf_counter() - started) * 1000
+        shards = await stored_shards(redis, keyspace) or keyspace.shards
+        async with redis.pipeline(transaction=False) as pipe:
+            for shard in range(shards):
+                pipe.hgetall(keyspace.stats(shard))
+            replies = await pipe.execute()
+        totals: dict[str, int] = {}
+        for fields in replies:
+            for name, value in fields.items():
+                totals[name.decode()] = totals.get(name.decode(), 0) + int(value)
+        policy = await eviction_policy(redis)
+        return JSONResponse({
+            "redis": {"ping_ms": round(latency_ms, 3), "eviction_policy": policy,
+                      "run_id": await server_run_id(redis)},
+            "shards": shards,
+            "counts": totals,  # records_dropped, records_expired_before_store, late_requests
+            "warnings": [] if policy in (None, "noeviction") else
+                        [f"maxmemory-policy is {policy}: counts may be lost or doubled"],
+        })  # fmt: skip
+
     async def openapi(request: Request) -> Response:
         return JSONResponse(OPENAPI)
 
@@ -249,6 +274,7 @@ def admin_app(
         Route("/periods/{period}/close", guarded("billing", close), methods=["POST"]),
         Route("/consumers", guarded("admin", consumers_list)),
         Route("/consumers/{consumer}", guarded("admin", consumer_put), methods=["PUT"]),
+        Route("/health", guarded("admin", health)),
         Route("/trace", guarded("security", trace)),
         Route("/keys", guarded("admin", keys_list)),
         Route("/keys", guarded("admin", key_create), methods=["POST"]),
@@ -360,6 +386,14 @@ OPENAPI: dict[str, Any] = {
                 "Create or change a consumer (JSON name, tz, allow, deny: CIDR lists)",
                 "admin",
                 [_CONSUMER],
+            )
+        },
+        "/health": {
+            "get": _op(
+                "Redis reachability, eviction policy and the deployment's counts of "
+                "dropped, expired and late records",
+                "admin",
+                [],
             )
         },
         "/trace": {

@@ -133,3 +133,20 @@ async def test_admins_manage_keys_and_never_see_a_secret_twice(api, redis, setti
         assert reply.headers["content-type"] == "application/problem+json"
     spec = (await api.get("/openapi.json")).json()
     assert {"get", "post"} <= set(spec["paths"]["/keys"])
+
+
+async def test_admins_see_the_deployments_health(api, redis, settings) -> None:
+    mw = Meterwall(ok_app, settings=settings)
+    await mw(http_scope("/a"), body_receive(), _discard)
+    await mw.aclose()
+    await redis.hincrby(settings.keyspace().stats(0), "records_dropped", 3)
+    admin, billing = (
+        await bearer(redis, settings, "admin"),
+        await bearer(redis, settings, "billing"),
+    )
+    assert (await api.get("/health", headers=billing)).status_code == 403
+    health = (await api.get("/health", headers=admin)).json()
+    assert health["redis"]["eviction_policy"] == "noeviction"
+    assert health["counts"]["records_dropped"] == 3
+    assert health["shards"] == settings.shards
+    assert health["warnings"] == []
