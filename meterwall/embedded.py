@@ -174,6 +174,17 @@ class EmbeddedRedis:
                 shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would: no shutdown, its files stay as they are."""
+        atexit.unregister(self.stop)
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if self._dir is not None and self._keep_dir is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
     def __enter__(self) -> Self:
         return self.start()
 

@@ -14,4 +14,10 @@ async def echo(request: Request) -> JSONResponse:
     return JSONResponse({"size": len(await request.body())})
 
 
-app = Meterwall(Starlette(routes=[Route("/echo/{n:int}", echo, methods=["POST"])]))
+async def hello(request: Request) -> JSONResponse:
+    return JSONResponse({"path": request.url.path})
+
+
+routes = [Route("/echo/{n:int}", echo, methods=["POST"])]
+routes += [Route(f"/{name}", hello) for name in ("a", "b", "c", "d")]
+app = Meterwall(Starlette(routes=routes))
