@@ -130,7 +130,8 @@ class ConsumerRegistry:
             updated = replace(updated, allow=allowed)
         if denied is not None:
             updated = replace(updated, deny=denied)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # not a MULTI: the registry and the fence hash may live on different cluster nodes
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._key, consumer, orjson.dumps(asdict(updated)))
             if updated.allow or updated.deny:
                 fence = {"allow": list(updated.allow), "deny": list(updated.deny)}

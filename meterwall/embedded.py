@@ -196,3 +196,69 @@ class EmbeddedRedis:
 
     async def __aexit__(self, *_: object) -> None:
         await asyncio.to_thread(self.stop)
+
+
+class EmbeddedCluster:
+    """A private Redis Cluster of ``masters`` nodes (no replicas), slots spread evenly.
+
+    Started from the same binary as ``EmbeddedRedis``; the slots are assigned and the nodes
+    introduced with CLUSTER commands, so no ``redis-cli`` is needed.
+    """
+
+    host = _HOST
+
+    def __init__(self, masters: int = 3, *, binary: str | None = None) -> None:
+        # The cluster bus port is set explicitly: by default it is the port + 10,000, which a
+        # free high port cannot always have.
+        self._bus = [_free_port() for _ in range(masters)]
+        self.nodes = [
+            EmbeddedRedis(binary=binary, extra_args=[
+                "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                "--cluster-port", str(bus)])
+            for bus in self._bus
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """A URL of one node: cluster clients discover the others from it."""
+        return self.nodes[0].url
+
+    def start(self) -> Self:
+        for node in self.nodes:
+            node.start()
+        slots, count = 16384, len(self.nodes)
+        for index, node in enumerate(self.nodes):
+            first, last = index * slots // count, (index + 1) * slots // count - 1
+            _command(node.port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+        for node, bus in zip(self.nodes[1:], self._bus[1:], strict=True):
+            _command(self.nodes[0].port, "CLUSTER", "MEET", _HOST, str(node.port), str(bus))
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in _command(n.port, "CLUSTER", "INFO") for n in self.nodes):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise MeterwallError("the embedded cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def _command(port: int | None, *words: str) -> bytes:
+    """One command in RESP over a fresh socket; the raw reply (enough for set-up commands)."""
+    request = f"*{len(words)}\r\n".encode() + b"".join(
+        f"${len(w)}\r\n{w}\r\n".encode() for w in words
+    )
+    with socket.create_connection((_HOST, port or 0), timeout=2) as sock:
+        sock.sendall(request)
+        reply = sock.recv(65536)
+    if reply.startswith(b"-"):
+        raise MeterwallError(f"{' '.join(words)}: {reply.decode(errors='replace').strip()}")
+    return reply

@@ -109,7 +109,7 @@ class Meterwall:
         if self._access_loop is not loop:  # clients belong to the loop they were made in
             self._access_loop = loop
             access.bind(connect(self.settings, timeout=self.settings.access_timeout),
-                        connect(self.settings, timeout=None))  # fmt: skip
+                        connect(self.settings, timeout=None, one_node=True))  # fmt: skip
         return await access.decide(scope)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -114,6 +114,15 @@ def _parse_int(setting: str, text: str) -> int:
         raise ConfigurationError(setting, f"expected an integer, got {text!r}") from None
 
 
+def _parse_bool(setting: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(setting, f"expected true or false, got {text!r}")
+
+
 def _parse_optional_str(setting: str, text: str) -> str | None:
     return text.strip() or None
 
@@ -134,6 +143,7 @@ _FROM_TEXT: dict[str, Any] = {
     "buffer_bytes": parse_size,
     "batch_max_records": _parse_int,
     "shards": _parse_int,
+    "redis_cluster": lambda setting, text: _parse_bool(setting, text),
     "pseudonym_secret": parse_secret,
     "trusted_proxies": lambda setting, text: TrustedProxies.parse(text, setting=setting),
     "consumer_header": _parse_optional_str,
@@ -184,6 +194,7 @@ class Settings:
     audit_log_retention: float = 396 * 86400.0
     plugins: str = ""
     journal_dir: str = ""
+    redis_cluster: bool = False
 
     def __post_init__(self) -> None:
         self._check()

@@ -9,14 +9,18 @@ purpose, and the writer's high-water mark makes that safe.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigurationError
 from .keyspace import Keyspace
@@ -27,12 +31,26 @@ APPLY_SCRIPT = resources.files("meterwall").joinpath("lua/apply_batch.lua").read
 APPLY_SHA = hashlib.sha1(APPLY_SCRIPT, usedforsecurity=False).hexdigest()
 
 
-def connect(settings: Settings, *, timeout: float | str | None = "default") -> Redis:
+def connect(
+    settings: Settings, *, timeout: float | str | None = "default", one_node: bool = False
+) -> Redis:
     """A client that fails fast and never retries behind our back.
 
     ``timeout`` overrides ``MW_REDIS_TIMEOUT`` (None: no read timeout, for pub/sub listeners).
+    ``one_node``: with ``MW_REDIS_CLUSTER``, a plain client of the URL's node, for pub/sub (a
+    cluster delivers a message published on any node to subscribers on every node).
     """
     read_timeout = settings.redis_timeout if timeout == "default" else timeout
+    if settings.redis_cluster and not one_node:
+        # Redis Cluster: the client follows MOVED/ASK itself; it never retries on its own.
+        cluster = RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=read_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=MAX_CONNECTIONS,
+        )
+        return cast(Redis, cluster)  # the same command surface for everything meterwall sends
     # A blocking pool: when every connection is busy a caller waits (up to the timeout) for
     # one instead of failing at once, and the number of connections to Redis stays bounded.
     pool = BlockingConnectionPool.from_url(
@@ -96,6 +114,14 @@ async def apply_batches(
 
 
 async def _send(redis: Redis, keyspace: Keyspace, batches: dict[int, bytes]) -> dict[int, Any]:
+    if isinstance(redis, RedisCluster):  # scripts cannot be pipelined across cluster nodes
+        shards = list(batches)
+        calls = [redis.evalsha(APPLY_SHA, 1, keyspace.shard_prefix(s), batches[s]) for s in shards]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, RedisConnectionError | RedisTimeoutError | OSError):
+                raise reply
+        return dict(zip(shards, replies, strict=True))
     pipe = redis.pipeline(transaction=False)
     shards = list(batches)
     for shard in shards:
