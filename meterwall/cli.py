@@ -358,6 +358,66 @@ async def usage_adjustments(period: str, fmt: str) -> None:
 
 @cli.group(invoke_without_command=True)
 @click.pass_context
+@click.option("--sink", type=click.Choice(["webhook"]), default="webhook", show_default=True,
+              help="Where the reports go.")  # fmt: skip
+@click.option("--url", envvar="MW_WEBHOOK_URL", help="The endpoint (default: MW_WEBHOOK_URL).")
+@click.option("--period", help="The month to export (YYYY-MM).")
+@click.option("--secret-env", default="MW_WEBHOOK_SECRET", show_default=True,
+              help="The variable holding the signing secret (never an argument).")  # fmt: skip
+@click.option("--cloudevents", is_flag=True, help="Wrap each report in a CloudEvents envelope.")
+@click.option("--running", is_flag=True,
+              help="Running totals of months not yet closed (e.g. hourly) instead.")  # fmt: skip
+@click.option("--allow-http", is_flag=True, help="Accept a plain http URL that is not loopback.")
+@click.option("--attempts", type=click.IntRange(1, 20), default=5, show_default=True,
+              help="Tries per report (backoff 0.5 s, doubling, with jitter).")  # fmt: skip
+@FORMAT
+@run_async
+async def export(
+    ctx: click.Context, sink: str, url: str | None, period: str | None, secret_env: str,
+    cloudevents: bool, running: bool, allow_http: bool, attempts: int, fmt: str,
+) -> None:  # fmt: skip
+    """Push a month's closed usage to a billing endpoint; exit 1 if some delivery is pending."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from meterwall_webhook import WebhookExporter, WebhookSink, secret_from_env
+
+    if not url:
+        _fail("give --url (or set MW_WEBHOOK_URL)")
+        return
+    if not period:
+        _fail("give --period YYYY-MM")
+        return
+    secret = secret_from_env(secret_env)
+    target = WebhookSink(
+        url, secret, cloudevents=cloudevents, attempts=attempts, allow_http=allow_http
+    )
+    async with _reader() as (redis, settings), target:
+        rows = await WebhookExporter(redis, settings.keyspace(), target).export(
+            period, running=running
+        )
+    _emit([row.public() for row in rows], fmt, f"export {period} to {sink}")
+    pending = sum(row.state in ("pending", "invalid") for row in rows)
+    if pending:
+        click.echo(f"meterwall: {pending} delivery(ies) not done; `meterwall export` again "
+                   "retries them (`meterwall export status` lists them)", err=True)  # fmt: skip
+        sys.exit(1)
+
+
+@export.command("status")
+@click.option("--period", help="One month (YYYY-MM); default: every month with deliveries.")
+@FORMAT
+@run_async
+async def export_status(period: str | None, fmt: str) -> None:
+    """Webhook deliveries recorded in Redis: pending ones first, then delivered ones."""
+    from meterwall_webhook import delivery_status
+
+    async with _reader() as (redis, settings):
+        rows = await delivery_status(redis, settings.keyspace(), period)
+    _emit(rows, fmt, f"webhook deliveries {period or ''}".strip())
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8477, show_default=True, help="Port to listen on.")
 def admin(ctx: click.Context, host: str, port: int) -> None:
