@@ -355,15 +355,17 @@ class Flusher:
         self._hour = time_s // HOUR
         client = scope.get("client")
         peer = client[0] if client else None
-        address = self._client_address(peer, scope.get("headers") or ())
-        ip16 = canonical_ip(address) if address else None
+        address, ip16 = self._client_address(peer, scope.get("headers") or ())
         pseudonyms = self.pseudonyms.epoch(self._hour).pseudonyms(ip16) if ip16 else None
         if ip16 is not None:
             self._count_unique(ex.consumer, time_s, ip16)
         if self._restricted and self._is_restricted(ex.consumer, ip16):
             return None
         record_id = next(self._record_ids).to_bytes(16, "big")
-        plain = build_record(ex, record_id, self.redactor, address, pseudonyms)
+        # Address headers are pseudonymised for self._hour (_address_pseudonym): their epoch.
+        plain = build_record(
+            ex, record_id, self.redactor, address, pseudonyms, address_epoch=self._hour
+        )
         blob, key = self.sealer.seal(plain, ex.start_ns, record_id)
         idents: tuple[bytes, ...] = ()
         if pseudonyms is not None:
@@ -375,28 +377,35 @@ class Flusher:
         shard = self.keyspace.shard_of(ex.consumer)
         return Sealed(shard, self.keyspace.slice_start(time_s), blob, idents, key)
 
-    def _client_address(self, peer: str | None, headers: Any) -> str | None:
-        """The client address, cached by peer and forwarding headers (they repeat a lot)."""
+    def _client_address(self, peer: str | None, headers: Any) -> tuple[str | None, bytes | None]:
+        """The client address and its canonical 16 bytes (None for none or garbage), cached by
+        peer and forwarding headers: they repeat a lot. Like every cache that holds addresses,
+        the cache is emptied after each flush."""
         trusted = self.settings.trusted_proxies
-        if not trusted:
-            return peer
-        forwarded = tuple(v for n, v in headers if n == b"x-forwarded-for" or n == b"forwarded")
+        forwarded = (
+            tuple([v for n, v in headers if n == b"x-forwarded-for" or n == b"forwarded"])
+            if trusted
+            else ()
+        )
         cache_key = (peer, forwarded)
-        address = self._address_cache.get(cache_key, _MISSING)
-        if address is _MISSING:
-            address = trusted.resolve(peer, headers)
+        found = self._address_cache.get(cache_key)
+        if found is None:
+            address = trusted.resolve(peer, headers) if trusted else peer
+            found = (address, canonical_ip(address) if address else None)
             if len(self._address_cache) >= _CACHE_LIMIT:
                 self._address_cache.clear()
-            self._address_cache[cache_key] = address
-        return address  # type: ignore[return-value]
+            self._address_cache[cache_key] = found
+        return found  # type: ignore[return-value]
 
     def _index_ident(self, tag: bytes, value: str) -> bytes:
-        ident = self._ident_cache.get(tag + value.encode())
+        """Tag + keyed id of a consumer or key id (the same few values repeat: cached)."""
+        cache_key = tag + value.encode()
+        ident = self._ident_cache.get(cache_key)
         if ident is None:
             ident = tag + keyed_id(self._index_key, value)
             if len(self._ident_cache) >= _CACHE_LIMIT:
                 self._ident_cache.clear()
-            self._ident_cache[tag + value.encode()] = ident
+            self._ident_cache[cache_key] = ident
         return ident
 
     def zone_of(self, consumer: str, time_s: int) -> str:

@@ -8,13 +8,13 @@ in one ``write``, a marker that the deltas so far are inside that batch, and the
 A journal lives in ``MW_JOURNAL_DIR/<deployment>/`` as segment files of one writer, locked by a
 ``.lock`` file the writer holds (``flock``) for its lifetime. Every few seconds the writer starts a
 new segment with a snapshot of what is still needed (the deltas not yet packed, the batches not yet
-acknowledged or acknowledged within the durability window) and deletes the old ones, so a journal
-stays small and young. Any other worker of the deployment that can take a dead writer's lock adopts
-its journal: it re-sends its batches (the writer's high-water marks turn what Redis already has into
-no-ops) and packs its remaining deltas as one more batch of that writer. Raw records not yet sealed
-when a worker is killed are lost: at most one flush interval. Batches Redis acknowledged in the last
-``KEEP_S`` seconds are sent again when Redis's run id changes (a Redis killed with
-``appendfsync everysec`` can lose its last second).
+acknowledged) and deletes the old ones, but for those holding a batch acknowledged within the
+durability window, so a journal stays small and young. Any other worker of the deployment that can
+take a dead writer's lock adopts its journal: it re-sends its batches (the writer's high-water marks
+turn what Redis already has into no-ops) and packs its remaining deltas as one more batch of that
+writer. Raw records not yet sealed when a worker is killed are lost: at most one flush interval.
+Batches Redis acknowledged in the last ``KEEP_S`` seconds are sent again when Redis's run id
+changes (a Redis killed with ``appendfsync everysec`` can lose its last second).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ ROTATE_S = 2.0  # a new segment at most this often
 MAX_AGE_S = 24 * 3600  # an abandoned journal older than the retention ceiling is dropped
 _HEAD = struct.Struct(">IB")  # length of the body, kind
 DELTA, SNAPSHOT, TAKEN, BATCH, APPLIED = b"D"[0], b"S"[0], b"M"[0], b"P"[0], b"A"[0]
+HIGH = b"H"[0]  # the writer's highest batch number so far (a new segment must not forget it)
+# A DELTA body is the msgpack array of ``Meter.add``'s ten arguments. ``FileJournal.delta``
+# encodes it by hand: integers as msgpack int64 (marker 0xd3 and 8 bytes, valid for any value
+# that fits), the text fields as cached msgpack strings.
+_INT64 = b"\xd3"
+_TIME = struct.Struct(">q")
+_COUNTS = struct.Struct(">qcqcqcq")  # status, ttfb ns, bytes in, bytes out, int64 markers between
+_TEXTS_CACHE_LIMIT = 4096
 
 
 class Journal(Protocol):
@@ -106,8 +114,12 @@ class FileJournal:
         self._segment = 0
         self._fd = -1
         self._opened_at = 0.0
-        # What a new segment must carry over: batches by (seq, shard) -> (payload, acked at).
-        self._batches: dict[tuple[int, int], tuple[bytes, float]] = {}
+        self._top = 0  # the highest batch number this writer packed
+        # Batches still needed, by (seq, shard): (payload, acknowledged at or 0, the segment
+        # holding its latest copy).
+        self._batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
+        # The encoded parts of a delta entry around its numbers, by its text fields.
+        self._delta_parts: dict[tuple[str, ...], tuple[bytes, bytes, bytes]] = {}
         self._open_segment()
 
     def _open_segment(self) -> None:
@@ -124,45 +136,79 @@ class FileJournal:
         os.write(self._fd, buffer)
 
     def delta(self, row: Sequence[Any]) -> None:
-        self._write((DELTA, list(row)))
+        """One ``write`` per request, and cheap to encode: the same DELTA entry as
+        ``_write((DELTA, list(row)))`` would write, bar integer widths, built from cached parts.
+        A row that does not fit (say a status that is not an integer) takes that general path.
+        """
+        try:
+            time_s, consumer, key_id, route, method, status, ttfb, size_in, size_out, denied = row
+            start = _TIME.pack(time_s)
+            counts = _COUNTS.pack(status, _INT64, ttfb, _INT64, size_in, _INT64, size_out)
+        except (ValueError, struct.error):
+            self._write((DELTA, list(row)))
+            return
+        texts = (consumer, key_id, route, method, denied)
+        parts = self._delta_parts.get(texts)
+        if parts is None:
+            parts = _delta_parts(texts)
+            if len(self._delta_parts) >= _TEXTS_CACHE_LIMIT:  # consumer names come from clients
+                self._delta_parts.clear()
+            self._delta_parts[texts] = parts
+        head, names, tail = parts
+        os.write(self._fd, b"".join((head, start, names, counts, tail)))
 
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
+        self._top = max(self._top, seq)
         entries: list[tuple[int, Any]] = [(TAKEN, seq)] if took_deltas else []
         for shard, payload in batches.items():
             entries.append((BATCH, [seq, shard, payload]))
-            self._batches[(seq, shard)] = (payload, 0.0)
+            self._batches[(seq, shard)] = (payload, 0.0, self._segment)
         self._write(*entries)  # one write: the marker never lands without its batches
 
     def applied(self, writer: str, shard: int, seq: int) -> None:
         known = self._batches.get((seq, shard))
         if known is not None:
-            self._batches[(seq, shard)] = (known[0], time.monotonic())
+            self._batches[(seq, shard)] = (known[0], time.monotonic(), known[2])
         self._write((APPLIED, [seq, shard]))
 
     def recent(self) -> list[tuple[int, bytes]]:
         now = time.monotonic()
-        return [(shard, payload) for (_, shard), (payload, at) in sorted(self._batches.items())
+        return [(shard, payload) for (_, shard), (payload, at, _) in sorted(self._batches.items())
                 if at and now - at < KEEP_S]  # fmt: skip
 
     def compact(self, pending_deltas: Deltas) -> None:
-        """A new segment with the unpacked deltas and the batches still needed; old ones go."""
+        """A new segment with the unpacked deltas and the unacknowledged batches; old ones go.
+
+        A batch acknowledged within ``KEEP_S`` is not copied: the old segment holding it stays
+        until then. (Copying those batches at every rotation cost more CPU under load than all
+        the rest of the journal.) A reader reads every segment in order and the newest starts
+        with the snapshot, so the deltas in a kept segment count for nothing.
+        """
         now = time.monotonic()
         if now - self._opened_at < self._rotate_s:
             return
-        self._batches = {k: v for k, v in self._batches.items() if not v[1] or now - v[1] < KEEP_S}
         old = self._segment
         old_fd = self._fd
         self._open_segment()
         snapshot = [[list(key), values] for key, values in pending_deltas.items()]
-        entries: list[tuple[int, Any]] = [(SNAPSHOT, snapshot)]
-        for (seq, shard), (payload, acked) in sorted(self._batches.items()):
-            entries.append((BATCH, [seq, shard, payload]))
-            if acked:
-                entries.append((APPLIED, [seq, shard]))
+        # The highest batch number goes first: an adopter sends the leftover deltas as the next
+        # batch, and a number at or below the writer's high-water mark would be dropped.
+        entries: list[tuple[int, Any]] = [(HIGH, self._top), (SNAPSHOT, snapshot)]
+        batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
+        kept: set[int] = set()  # old segments holding a batch acknowledged within KEEP_S
+        for (seq, shard), (payload, acked, home) in sorted(self._batches.items()):
+            if not acked:
+                entries.append((BATCH, [seq, shard, payload]))
+                batches[(seq, shard)] = (payload, acked, self._segment)
+            elif now - acked < KEEP_S:
+                batches[(seq, shard)] = (payload, acked, home)
+                kept.add(home)
+        self._batches = batches
         self._write(*entries)
         os.close(old_fd)
         for path in self.directory.glob(f"{self.writer}.*.seg"):
-            if int(path.name.split(".")[1]) <= old:
+            number = int(path.name.split(".")[1])
+            if number <= old and number not in kept:
                 path.unlink(missing_ok=True)
 
     def close(self, *, clean: bool) -> None:
@@ -213,6 +259,8 @@ class Orphan:
                     seq, shard, payload = body
                     batches[(seq, shard)] = payload
                     top = max(top, int(seq))
+                elif kind == HIGH:
+                    top = max(top, int(body))
         ordered = [(seq, shard, payload) for (seq, shard), payload in sorted(batches.items())]
         return ordered, meter.take(), top
 
@@ -252,6 +300,17 @@ def orphans(directory: Path, live: str) -> Iterator[Orphan]:
             orphan.release()
             continue
         yield orphan
+
+
+def _delta_parts(texts: tuple[str, ...]) -> tuple[bytes, bytes, bytes]:
+    """A DELTA entry but its numbers: (head up to the time, the names up to the status, the
+    denial). The body is ``[time, consumer, key id, route, method, status, ttfb, in, out,
+    denied]``: a 10-element array (0x9a), integers as int64, strings as msgpack packs them."""
+    consumer, key_id, route, method, denied = texts
+    names = b"".join([msgpack.packb(text) for text in (consumer, key_id, route, method)])
+    tail = msgpack.packb(denied)
+    length = 2 + _TIME.size + len(names) + 1 + _COUNTS.size + len(tail)
+    return _HEAD.pack(length, DELTA) + b"\x9a" + _INT64, names + _INT64, tail
 
 
 def _entries(data: bytes) -> Iterator[tuple[int, Any]]:

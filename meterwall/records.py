@@ -23,8 +23,13 @@ def build_record(
     redactor: Redactor,
     client_ip: str | None,
     pseudonyms: tuple[bytes, bytes] | None,
+    *,
+    address_epoch: int | None = None,
 ) -> bytes:
-    """Serialise one exchange, with every redaction applied, ready to be sealed."""
+    """Serialise one exchange, with every redaction applied, ready to be sealed.
+
+    ``address_epoch``: see ``Redactor.header_pairs`` (the flusher passes its pseudonym hour).
+    """
     scope = ex.scope
     headers = scope.get("headers") or []
     content_type = None
@@ -32,12 +37,12 @@ def build_record(
         if name == b"content-type":
             content_type = value.decode("latin-1")
             break
-    client: dict[str, Any] = {"ip": client_ip}
+    client: dict[str, Any]
     if pseudonyms is not None:
-        client["pseudonym"] = pseudonyms[0].hex()
-        client["prefix_pseudonym"] = pseudonyms[1].hex()
+        client = {"ip": client_ip, "pseudonym": pseudonyms[0].hex(),
+                  "prefix_pseudonym": pseudonyms[1].hex()}  # fmt: skip
     else:
-        client["pseudonym"] = "invalid" if client_ip else None
+        client = {"ip": client_ip, "pseudonym": "invalid" if client_ip else None}
     server = scope.get("server")
     record = {
         "v": RECORD_VERSION,
@@ -61,7 +66,7 @@ def build_record(
         "consumer": ex.consumer or None,
         "key_id": ex.key_id or None,
         "client": client,
-        "headers": redactor.headers(headers),
+        "headers": redactor.header_pairs(headers, address_epoch=address_epoch),
         "body": redactor.body(
             content_type, b"".join(ex.body), size=ex.bytes_in, truncated=ex.truncated
         ),

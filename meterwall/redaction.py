@@ -79,6 +79,7 @@ _FORWARDED_PAIR = re.compile(
 )
 _FORWARDED_ADDRESS_KEYS = frozenset({"for", "by"})
 _JSON_TYPE = "application/json"
+_CONTAINERS = (dict, list)  # a tuple: ``dict | list`` would build a union object per test
 _FORM_TYPE = "application/x-www-form-urlencoded"
 
 
@@ -141,8 +142,11 @@ class Redactor:
         }
         self._value_redactors = tuple(value_redactors)  # plugins: what the names cannot tell
         self._secret_cache: dict[str, bool] = {}
+        self._encoded_name_cache: dict[str, bool] = {}  # is_secret_name of urlencoded names
         self._header_cache: dict[str, str] = {}
         self._value_cache: dict[int, tuple[str, str]] = {}
+        self._address_line_cache: dict[int, tuple[str, str]] = {}  # see header_pairs
+        self._address_epoch: int | None = None
 
     # --- primitives -------------------------------------------------------------------------
 
@@ -171,21 +175,48 @@ class Redactor:
 
     def headers(self, headers: Sequence[tuple[bytes, bytes]]) -> list[list[str]]:
         """ASGI raw headers as ``[[name, value], ...]`` text with credentials and IPs replaced."""
-        out: list[list[str]] = []
+        return [list(pair) for pair in self.header_pairs(headers)]
+
+    def header_pairs(
+        self, headers: Sequence[tuple[bytes, bytes]], *, address_epoch: int | None = None
+    ) -> list[tuple[str, str]]:
+        """``headers`` as ``(name, value)`` tuples: the same JSON, without a list per line.
+
+        ``address_epoch`` is a value that changes whenever ``pseudonymise_ip`` may answer
+        differently for an address (the flusher passes the pseudonym hour). With it, address
+        lines are cached too, until it changes.
+        """
+        out: list[tuple[str, str]] = []
         cache = self._value_cache
-        for raw_name, raw_value in headers:
-            # Header lines repeat from request to request. The cache is keyed by a hash, so it
-            # never holds a credential itself (plaintext lives no longer than one flush).
-            key = hash((raw_name, raw_value))
+        addresses = self._address_line_cache
+        if address_epoch is not None and address_epoch != self._address_epoch:
+            addresses.clear()
+            self._address_epoch = address_epoch
+        for line in headers:
+            # Header lines repeat from request to request. The caches are keyed by a hash, so
+            # they never hold a credential or an address itself (plaintext lives no longer than
+            # one flush). ASGI servers give (name, value) tuples, hashed as they are.
+            try:
+                key = hash(line)
+            except TypeError:  # a list
+                key = hash(tuple(line))
             pair = cache.get(key)
+            if pair is None and address_epoch is not None:
+                pair = addresses.get(key)
             if pair is None:
+                raw_name, raw_value = line
                 name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
                 lower = name.lower()
                 kind = self._header_kind(lower)
-                if kind == "address":  # depends on the hour's pseudonym key: never cached
+                if kind == "address":  # depends on the hour's pseudonym key
                     forwarded = lower == "forwarded"
                     value = self._forwarded(value) if forwarded else self._address_list(value)
-                    out.append([name, value])
+                    pair = (name, value)
+                    if address_epoch is not None:
+                        if len(addresses) >= _CACHE_LIMIT:
+                            addresses.clear()
+                        addresses[key] = pair
+                    out.append(pair)
                     continue
                 if kind == "credential":
                     value = self._credential(lower, value, raw_value)
@@ -195,7 +226,7 @@ class Redactor:
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
                 cache[key] = pair
-            out.append(list(pair))
+            out.append(pair)
         return out
 
     def _header_kind(self, name: str) -> str:
@@ -234,6 +265,8 @@ class Redactor:
 
     def _address_list(self, value: str) -> str:
         """Each comma-separated element pseudonymised; garbage becomes ``ip:invalid``."""
+        if "," not in value:  # the usual single address, without a generator and a join
+            return self._pseudonymise_ip(_host(value)) if value.strip() else ""
         tokens = (t for t in value.split(",") if t.strip())
         return ", ".join(self._pseudonymise_ip(_host(t)) for t in tokens)
 
@@ -283,11 +316,20 @@ class Redactor:
         if not text:
             return text
         parts = text.split("&")
+        secret_names = self._encoded_name_cache
         for i, part in enumerate(parts):
             name, eq, value = part.partition("=")
-            if eq and self.is_secret_name(unquote_plus(name, encoding="latin-1")):
+            if not eq:
+                continue
+            secret = secret_names.get(name)
+            if secret is None:  # parameter names repeat: decode and classify each once
+                secret = self.is_secret_name(unquote_plus(name, encoding="latin-1"))
+                if len(secret_names) >= _CACHE_LIMIT:
+                    secret_names.clear()
+                secret_names[name] = secret
+            if secret:
                 parts[i] = f"{name}={SECRET_MASK}"
-            elif eq and self._value_redactors:
+            elif self._value_redactors:
                 plain = unquote_plus(value, encoding="latin-1")
                 redacted = self.redact_value(plain)
                 if redacted != plain:
@@ -340,22 +382,26 @@ class Redactor:
         except orjson.JSONDecodeError:
             return None
         stack: list[tuple[Any, int]] = [(root, 1)]
+        known, redactors = self._secret_cache, self._value_redactors
         while stack:
             node, depth = stack.pop()
             if depth > _MAX_JSON_DEPTH:
                 return None
             if isinstance(node, dict):
                 for key, value in node.items():
-                    if self.is_secret_name(key):
+                    secret = known.get(key)  # is_secret_name's cache, without the call
+                    if secret is None:
+                        secret = self.is_secret_name(key)
+                    if secret:
                         node[key] = SECRET_MASK  # same key: the dict's size does not change
-                    elif isinstance(value, dict | list):
+                    elif isinstance(value, _CONTAINERS):
                         stack.append((value, depth + 1))
-                    elif isinstance(value, str) and self._value_redactors:
+                    elif redactors and isinstance(value, str):
                         node[key] = self.redact_value(value)
             elif isinstance(node, list):
                 for i, item in enumerate(node):
-                    if isinstance(item, dict | list):
+                    if isinstance(item, _CONTAINERS):
                         stack.append((item, depth + 1))
-                    elif isinstance(item, str) and self._value_redactors:
+                    elif redactors and isinstance(item, str):
                         node[i] = self.redact_value(item)
         return (root,)

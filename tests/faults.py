@@ -48,6 +48,8 @@ class FaultProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for writer in self._sockets:
             writer.close()
+        # wait until every transport is really closed: a loop closed before that leaks them
+        await asyncio.gather(*(w.wait_closed() for w in self._sockets), return_exceptions=True)
         await self._server.wait_closed()
 
     def _roll(self, name: str) -> bool:

@@ -9,9 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import msgpack
+import pytest
 
 from meterwall import Meterwall, Settings
-from meterwall.journal import FileJournal, orphans
+from meterwall import journal as journal_module
+from meterwall.journal import DELTA, FileJournal, orphans
 from meterwall.usage import UsageReader
 from tests.helpers import serve, stop
 from tests.test_flusher import ok_app
@@ -62,6 +65,67 @@ def test_compaction_keeps_only_what_is_needed_and_a_torn_tail_is_ignored(tmp_pat
     orphan.abandon()
 
 
+def test_a_delta_is_written_as_the_msgpack_row_any_reader_decodes(tmp_path: Path) -> None:
+    rows = [
+        ROW,
+        (0, "", "", "<unmatched>", "OTHER", 499, -1, 0, 0, ""),
+        (2**40, "é" * 128, "k_1", "/t/{tenant}/items/{item_id:int}", "POST", 429, 10**12,
+         2**62, 1, "rate-limited"),
+        (1, "acme", "", "/x", "GET", "200", 1, 1, 1, ""),  # not an integer: the general path
+        (1, "acme", "", "/x", "GET", 200, 1, 2**63, 1, ""),  # beyond int64: the general path
+    ]  # fmt: skip
+    journal = FileJournal(tmp_path, "w4", rotate_s=0)
+    for row in rows:
+        journal.delta(row)
+    journal.close(clean=False)
+    data = (tmp_path / "w4.00000001.seg").read_bytes()
+    entries, pos = [], 0
+    while pos < len(data):  # the entry head and body, as every version's reader parses them
+        length, kind = journal_module._HEAD.unpack_from(data, pos)
+        pos += journal_module._HEAD.size
+        entries.append((kind, msgpack.unpackb(data[pos : pos + length], raw=False)))
+        pos += length
+    assert entries == [(DELTA, list(row)) for row in rows]
+
+
+def test_compaction_leaves_acknowledged_batches_in_their_segment(tmp_path: Path) -> None:
+    journal = FileJournal(tmp_path, "w5", rotate_s=0)
+    journal.delta(ROW)
+    journal.packed("w5", 1, {0: b"acknowledged"}, took_deltas=True)
+    journal.applied("w5", 0, 1)
+    journal.packed("w5", 2, {0: b"in flight"}, took_deltas=False)
+    journal.delta(ROW)
+    journal.compact({})  # segment 2: the snapshot and the batch in flight, nothing more
+    assert sorted(p.name for p in tmp_path.glob("w5.*.seg")) == [
+        "w5.00000001.seg", "w5.00000002.seg"  # 1 stays: it holds the acknowledged batch
+    ]  # fmt: skip
+    assert b"acknowledged" not in (tmp_path / "w5.00000002.seg").read_bytes()
+    assert journal.recent() == [(0, b"acknowledged")]
+    journal.delta(ROW)
+    journal.close(clean=False)
+    [orphan] = list(orphans(tmp_path, "live"))
+    batches, deltas, top = orphan.read()
+    assert batches == [(1, 0, b"acknowledged"), (2, 0, b"in flight")]
+    assert top == 2
+    assert [values[0] for values in deltas.values()] == [1]  # the snapshot supersedes segment 1
+    orphan.abandon()
+
+
+def test_a_segment_goes_once_its_acknowledged_batches_leave_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = FileJournal(tmp_path, "w6", rotate_s=0)
+    journal.packed("w6", 1, {0: b"acknowledged"}, took_deltas=True)
+    journal.applied("w6", 0, 1)
+    journal.compact({})
+    assert len(list(tmp_path.glob("w6.*.seg"))) == 2
+    monkeypatch.setattr(journal_module, "KEEP_S", 0.0)  # the acknowledgement is now too old
+    journal.compact({})
+    assert [p.name for p in tmp_path.glob("w6.*.seg")] == ["w6.00000003.seg"]
+    assert journal.recent() == []
+    journal.close(clean=True)
+
+
 async def test_a_killed_worker_loses_no_count(redis, settings: Settings, tmp_path: Path) -> None:
     own = settings.replace(counter_flush_interval=300, consumer_header="X-Consumer")
     assert own.pseudonym_secret is not None
@@ -101,3 +165,22 @@ async def test_a_killed_worker_loses_no_count(redis, settings: Settings, tmp_pat
 
 def segments(directory: Path) -> list[Path]:
     return list(directory.rglob("*.seg"))
+
+
+def test_a_compacted_journal_remembers_the_highest_batch_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leftover deltas are sent as the next batch: a forgotten number would make Redis drop it."""
+    monkeypatch.setattr("meterwall.journal.KEEP_S", 0.0)  # acknowledged batches go at once
+    journal = FileJournal(tmp_path, "w3", rotate_s=0)
+    journal.delta(ROW)
+    journal.packed("w3", 5, {0: b"five"}, took_deltas=True)
+    journal.applied("w3", 0, 5)
+    journal.compact({})  # batch 5 is acknowledged and old: no segment holds it any more
+    journal.delta(ROW)
+    journal.close(clean=False)
+    [orphan] = list(orphans(tmp_path, "live"))
+    batches, deltas, top = orphan.read()
+    assert (batches, top) == ([], 5)
+    assert [values[0] for values in deltas.values()] == [1]
+    orphan.abandon()

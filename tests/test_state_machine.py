@@ -4,6 +4,7 @@ against real Redis: whatever the order, Redis ends up with exactly the requests 
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -40,6 +41,8 @@ class Ledger(RuleBasedStateMachine):
         self.proxy = self.run(FaultProxy(port, self.faults).__aenter__())
         self.settings = self.base.replace(
             redis_url=f"redis://127.0.0.1:{self.proxy.port}/0", records="off", redis_timeout=0.2,
+            flush_interval=60,  # the rules flush; the background task only waits (so a crash
+            # never cuts a command in half: a killed process's sockets just close)
             key_prefix=f"{self.base.key_prefix}m{id(self) % 10_000}",
         )  # fmt: skip
         self.worker = Meterwall(ok_app, settings=self.settings)
@@ -107,11 +110,18 @@ class Ledger(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
+# A connection cut by the fault proxy in the middle of a reply is sometimes collected later
+# without having been closed; the kernel closes it anyway. Collected here, so that the
+# warning does not land on whichever test runs next.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_any_order_of_flushes_faults_and_crashes_keeps_counts_exact(settings: Settings) -> None:
     Ledger.base = settings
     machine = Ledger.TestCase
     machine.settings = settings_for_machine()
-    machine().runTest()
+    try:
+        machine().runTest()
+    finally:
+        gc.collect()
 
 
 def settings_for_machine() -> Any:
