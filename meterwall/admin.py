@@ -125,15 +125,29 @@ def admin_app(
         return endpoint
 
     async def usage_totals(request: Request) -> Response:
-        period = request.query_params.get("period")
-        if not period:
-            return bad_parameter("period", "required: YYYY-MM or YYYY-MM-DD")
-        by = [d for d in request.query_params.get("by", "route").split(",") if d]
-        reader = UsageReader(client(), keyspace)
-        rows = await reader.totals(request.path_params["consumer"], period, by)
-        return JSONResponse(
-            {"consumer": request.path_params["consumer"], "period": period, "rows": rows}
+        params = request.query_params
+        period, first, last, tz = (
+            params.get("period"),
+            params.get("from"),
+            params.get("to"),
+            params.get("tz"),
         )
+        by = [d for d in params.get("by", "route").split(",") if d]
+        consumer = request.path_params["consumer"]
+        reader = UsageReader(client(), keyspace, retention_1h=settings.retention_1h,
+                             retention_15m=settings.retention_15m)  # fmt: skip
+        if first or last:
+            if not (first and last) or period:
+                return bad_parameter("from", "give period, or from and to (YYYY-MM-DD)")
+            rows = await reader.totals_between(consumer, first, last, by)
+            period = f"{first}..{last}"
+        elif not period:
+            return bad_parameter("period", "required: YYYY-MM or YYYY-MM-DD (or from and to)")
+        elif tz:
+            rows = await reader.totals_in_zone(consumer, period, tz, by)
+        else:
+            rows = await reader.totals(consumer, period, by)
+        return JSONResponse({"consumer": consumer, "period": period, "rows": rows})
 
     async def usage_series(request: Request) -> Response:
         period = request.query_params.get("period", "")
@@ -371,7 +385,14 @@ OPENAPI: dict[str, Any] = {
             "get": _op(
                 "A consumer's usage of a period",
                 "billing",
-                [_CONSUMER, _PERIOD, _param("by", "comma list of " + ",".join(DIMENSIONS))],
+                [
+                    _CONSUMER,
+                    {**_PERIOD, "required": False},
+                    _param("from", "first local day YYYY-MM-DD (with to, instead of period)"),
+                    _param("to", "last local day YYYY-MM-DD"),
+                    _param("tz", "another zone than the consumer's (served from UTC buckets)"),
+                    _param("by", "comma list of " + ",".join(DIMENSIONS)),
+                ],
             )
         },
         "/usage/{consumer}/series": {

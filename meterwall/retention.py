@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 SAMPLE = 200  # records a keyed audit opens
+_BATCH = 100  # keys read per pipelined round trip
+_GENERATED = re.compile(rb"[0-9]+(?:-[0-9]+)?")  # a stream entry id, or a record count
 
 META_AOF_REWRITE = "aof_rewrite_requested_at"
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
@@ -42,6 +44,8 @@ _CREDENTIAL = re.compile(
     r"|\b(?:password|passwd|secret|api[_-]?key|token)\b[\"']?\s*[:=]\s*[\"']?(?!\*\*\*)[^\s\"'&,}]{3,}"
 )
 _RAW_KINDS = ("rec", "ix")
+#: Words without which ``_CREDENTIAL`` cannot match (a cheap test before the regexes).
+_CREDENTIAL_HINTS = ("bearer", "basic", "password", "passwd", "secret", "api", "token")
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Check:
 
 def plaintext_findings(text: str) -> list[str]:
     """What in ``text`` looks like an IP address or a credential (validated, not just shaped)."""
+    if "." not in text and ":" not in text:  # no address: only a credential word could match
+        lowered = text.lower()
+        if not any(hint in lowered for hint in _CREDENTIAL_HINTS) and "eyJ" not in text:
+            return []
     found = []
     for match in _IPV4.finditer(text):
         if _is_ip(match.group()):
@@ -107,21 +115,22 @@ class Auditor:
             Check("plaintext", True, ""),
         )
         keys = scanned = 0
-        async for raw_key in self._redis.scan_iter(match=self._keyspace.pattern(), count=1000):
-            key = raw_key.decode()
-            keys += 1
-            kind = _kind(key, self._keyspace.prefix)
-            if kind in _RAW_KINDS:
-                await self._check_expiry(key, now, expiry)
-            elif kind in ("dk", "epk"):  # keys that open records or link pseudonyms to IPs
-                await self._check_key_expiry(key, expiry)
-            if kind == "rec":
-                await self._check_ages(key, now, age)
-            for where, text in await self._clear_texts(key, kind):
-                scanned += 1
-                plain.problems.extend(f"{key} ({where}): {f}" for f in plaintext_findings(text))
-            if self._progress is not None and keys % 100 == 0:
+        batch: list[bytes] = []
+
+        async def audit_batch() -> None:
+            nonlocal scanned
+            scanned += await self._audit_batch(batch, now, expiry, age, plain)
+            batch.clear()
+            if self._progress is not None:
                 self._progress(keys)
+
+        async for raw_key in self._redis.scan_iter(match=self._keyspace.pattern(), count=1000):
+            keys += 1
+            batch.append(raw_key)
+            if len(batch) >= _BATCH:
+                await audit_batch()
+        if batch:
+            await audit_batch()
         expiry.detail = (
             f"{keys} keys scanned; raw-record and index keys expire within {RETENTION_CEILING} s, "
             "data and pseudonym keys within their hour plus that"
@@ -212,6 +221,38 @@ class Auditor:
                     newer += made > since_s
         return newer
 
+    async def _audit_batch(
+        self, raw_keys: list[bytes], now: int, expiry: Check, age: Check, plain: Check
+    ) -> int:
+        """Audit some keys with three pipelined round trips (type and TTL, then the values)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for raw_key in raw_keys:
+                pipe.type(raw_key)
+                pipe.ttl(raw_key)
+            meta = await pipe.execute()
+        types = [t.decode() if isinstance(t, bytes) else str(t) for t in meta[0::2]]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for raw_key, kind_of_value in zip(raw_keys, types, strict=True):
+                _read(pipe, raw_key, kind_of_value)
+            values = await pipe.execute()
+        scanned = 0
+        for raw_key, kind_of_value, ttl, value in zip(raw_keys, types, meta[1::2], values,
+                                                        strict=True):  # fmt: skip
+            key = raw_key.decode()
+            kind = _kind(key, self._keyspace.prefix)
+            if kind in _RAW_KINDS:
+                self._check_expiry(key, int(ttl), now, expiry)
+            elif kind in ("dk", "epk"):  # keys that open records or link pseudonyms to IPs
+                self._check_key_expiry(key, int(ttl), expiry)
+            if kind == "rec":
+                self._check_ages(key, kind_of_value, value, now, age)
+            for where, text in self._clear_texts(key, kind, _parts(kind_of_value, value)):
+                scanned += 1
+                findings = plaintext_findings(text)
+                if findings:
+                    plain.problems.extend(f"{key} ({where}): {f}" for f in findings)
+        return scanned
+
     def _keep_in_sample(self, shard: int, blob: bytes) -> None:
         """Reservoir sampling: every record has the same chance to be opened."""
         self._seen += 1
@@ -231,8 +272,7 @@ class Auditor:
         detail = f"maxmemory-policy is {policy}" + ("" if ok else " (set it to noeviction)")
         return Check("eviction", ok, detail, [] if ok else [detail])
 
-    async def _check_expiry(self, key: str, now: int, check: Check) -> None:
-        ttl = await self._redis.ttl(key)
+    def _check_expiry(self, key: str, ttl: int, now: int, check: Check) -> None:
         if ttl < 0:
             check.problems.append(f"{key} has no expiry")
         elif ttl > RETENTION_CEILING:
@@ -242,21 +282,22 @@ class Auditor:
             if now + ttl > slice_start + RETENTION_CEILING:
                 check.problems.append(f"{key} outlives its slice start by more than the ceiling")
 
-    async def _check_key_expiry(self, key: str, check: Check) -> None:
+    def _check_key_expiry(self, key: str, ttl: int, check: Check) -> None:
         """Data keys and pseudonym keys live until their hour's last record is gone."""
-        ttl = await self._redis.ttl(key)
         if ttl < 0:
             check.problems.append(f"{key} has no expiry")
         elif ttl > RETENTION_CEILING + 3600:
             check.problems.append(f"{key} expires in {ttl} s, beyond its hour plus the ceiling")
 
-    async def _check_ages(self, key: str, now: int, check: Check) -> None:
-        if await self._redis.type(key) != b"stream":
+    def _check_ages(
+        self, key: str, kind_of_value: str, entries: Any, now: int, check: Check
+    ) -> None:
+        if kind_of_value != "stream":
             check.problems.append(f"{key} is not a stream of sealed records")
             return
         groups = self._groups.setdefault(key, {})
         shard = _shard_of(key)
-        for entry_id, fields in await self._redis.xrange(key):
+        for entry_id, fields in entries:
             try:
                 blobs = split_group(fields.get(b"r", b""))
                 made = [read_envelope(blob).time_ns // 1_000_000_000 for blob in blobs]
@@ -270,18 +311,33 @@ class Auditor:
             if made and now - min(made) > RETENTION_CEILING:
                 check.problems.append(f"{key} holds a record {now - min(made)} s old")
 
-    async def _clear_texts(self, key: str, kind: str) -> list[tuple[str, str]]:
-        """Every clear (non-ciphertext) part of a key's value, as text."""
+    def _clear_texts(
+        self, key: str, kind: str, parts: list[tuple[str, bytes]]
+    ) -> list[tuple[str, str]]:
+        """Every clear (non-ciphertext) part of a key's value that could hold text, as text.
+
+        What meterwall itself writes in a fixed form is checked for that form instead of being
+        scanned: stream entry ids and record counts, and the entry id ending an index member.
+        """
         out = []
-        for part, value in await key_parts(self._redis, key):
+        refs = None
+        if kind == "ix":
+            stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
+            refs = self._refs.setdefault(stream, [])
+        for part, value in parts:
             if (part == "value" and kind in ("dk", "epk")) or part == "sealed":
                 continue  # wrapped keys and sealed records are ciphertext
-            if part == "member" and kind == "ix":
-                stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
-                self._refs.setdefault(stream, []).append(
-                    (value[19:], int.from_bytes(value[17:19], "big"))
-                )
-                value = value[19:]  # tag, 16-byte pseudonym, 2-byte position; a clear entry id
+            if kind == "rec" and (
+                (part == "field" and value in (b"n", b"r"))
+                or (part in ("entry id", "value") and _GENERATED.fullmatch(value))
+            ):
+                continue  # the field names n and r, record counts and entry ids: nothing else
+            if part == "member" and refs is not None:
+                entry = value[19:]  # tag, 16-byte pseudonym, 2-byte position, then an entry id
+                refs.append((entry, int.from_bytes(value[17:19], "big")))
+                if _GENERATED.fullmatch(entry):
+                    continue
+                value = entry
             out.append((part, _text(value)))
         return out
 
@@ -317,23 +373,38 @@ class Auditor:
 async def key_parts(redis: Any, key: str | bytes) -> list[tuple[str, bytes]]:
     """Every part of a key's value, labelled: value, field, member, entry id or sealed."""
     kind_of_value = (await redis.type(key)).decode()
+    async with redis.pipeline(transaction=False) as pipe:
+        _read(pipe, key, kind_of_value)
+        [value] = await pipe.execute()
+    return _parts(kind_of_value, value)
+
+
+def _read(pipe: Any, key: str | bytes, kind_of_value: str) -> None:
+    """Queue the command that reads a whole value of this type (one reply per key)."""
+    reader = {"string": pipe.get, "hash": pipe.hgetall, "stream": pipe.xrange,
+              "set": pipe.smembers}.get(kind_of_value)  # fmt: skip
+    if reader is not None:
+        reader(key)
+    elif kind_of_value in ("zset", "list"):
+        (pipe.zrange if kind_of_value == "zset" else pipe.lrange)(key, 0, -1)
+    else:  # none (expired meanwhile) or a type meterwall never writes: keep the replies aligned
+        pipe.exists(key)
+
+
+def _parts(kind_of_value: str, value: Any) -> list[tuple[str, bytes]]:
     parts: list[tuple[str, bytes]] = []
     if kind_of_value == "string":
-        parts.append(("value", await redis.get(key) or b""))
+        parts.append(("value", value or b""))
     elif kind_of_value == "hash":
-        for name, value in (await redis.hgetall(key)).items():
-            parts += [("field", name), ("value", value)]
-    elif kind_of_value == "zset":
-        parts += [("member", m) for m in await redis.zrange(key, 0, -1)]
+        for name, field_value in value.items():
+            parts += [("field", name), ("value", field_value)]
+    elif kind_of_value in ("zset", "list", "set"):
+        parts += [("member", m) for m in value]
     elif kind_of_value == "stream":
-        for entry_id, fields in await redis.xrange(key):
+        for entry_id, fields in value:
             parts.append(("entry id", entry_id))
-            for name, value in fields.items():
-                parts += [("field", name), ("sealed" if name == b"r" else "value", value)]
-    elif kind_of_value == "list":
-        parts += [("member", m) for m in await redis.lrange(key, 0, -1)]
-    elif kind_of_value == "set":
-        parts += [("member", m) for m in await redis.smembers(key)]
+            for name, field_value in fields.items():
+                parts += [("field", name), ("sealed" if name == b"r" else "value", field_value)]
     return parts
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -62,6 +62,13 @@ async def test_billing_reads_the_same_numbers_as_python(api, redis, settings) ->
     assert reply.json()["rows"] == python
     top = await api.get("/usage", params={"period": month, "top": "3"}, headers=headers)
     assert [(r["consumer"], r["requests"]) for r in top.json()["rows"]] == [("acme", 3)]
+    today = datetime.now(UTC).date()
+    days = {"from": str(today - timedelta(days=2)), "to": str(today + timedelta(days=1))}
+    ranged = await api.get("/usage/acme", params=days, headers=headers)
+    assert [r["requests"] for r in ranged.json()["rows"]] == [3]  # an app without routes
+    zoned = await api.get("/usage/acme", params={"period": today.isoformat(), "tz": "UTC"},
+                          headers=headers)  # fmt: skip
+    assert sum(r["requests"] for r in zoned.json()["rows"]) == 3
 
 
 @pytest.mark.parametrize(
@@ -70,6 +77,8 @@ async def test_billing_reads_the_same_numbers_as_python(api, redis, settings) ->
         ("/usage/acme", {"period": "Nov"}, "period"),
         ("/usage/acme", {}, "period"),
         ("/usage/acme", {"period": "2026-11", "by": "colour"}, "by"),
+        ("/usage/acme", {"from": "2026-11-01"}, "from"),
+        ("/usage/acme", {"from": "2026-11-05", "to": "2026-11-01"}, "--to"),
         ("/usage", {"period": "2026-11", "top": "lots"}, "top"),
     ],
 )
