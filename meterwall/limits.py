@@ -152,6 +152,7 @@ class Verdict:
 
 
 UNLIMITED = Verdict()
+_UNRESOLVED = object()
 
 
 class _Lease:
@@ -167,10 +168,30 @@ class _Lease:
 class _Tokens:
     """One consumer's tokens in this process."""
 
-    __slots__ = ("blocked", "blocked_until_ns", "credit", "last_call_ns", "leases", "month",
-                 "month_end_s", "month_seconds", "pending", "plan", "policy", "policy_month",
-                 "quota_left", "rate", "rate_deadline_ns", "rate_left", "rate_return", "retry_s",
-                 "want")  # fmt: skip
+    __slots__ = (
+        "blocked",
+        "blocked_until_ns",
+        "credit",
+        "header_cache",
+        "header_key",
+        "last_call_ns",
+        "leases",
+        "month",
+        "month_end_s",
+        "month_seconds",
+        "pending",
+        "plan",
+        "policy",
+        "policy_month",
+        "quota_left",
+        "rate",
+        "rate_deadline_ns",
+        "rate_left",
+        "rate_return",
+        "retry_s",
+        "version",
+        "want",
+    )  # fmt: skip
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -192,6 +213,9 @@ class _Tokens:
         self.last_call_ns = 0
         self.policy = b""  # the RateLimit-Policy header of this plan and month
         self.policy_month = ""
+        self.version = 0  # changes with every lease: the RateLimit header is made again
+        self.header_key: tuple[int, int, str] | None = None
+        self.header_cache: tuple[tuple[bytes, bytes], ...] = ()
 
     def quota_held(self, now_ns: int) -> int:
         held = self.credit
@@ -220,6 +244,7 @@ class Limiter:
         self._serial = 0
         self._tokens: dict[str, _Tokens] = {}
         self._unknown_plans: set[str] = set()
+        self._plan_cache: dict[str, object] = {}  # plan name -> Plan or None
         self._redis: Any = None
         self.lease_calls = 0  # round trips to Redis (benchmarks report them per request)
 
@@ -246,26 +271,28 @@ class Limiter:
 
     async def admit(self, consumer: str, plan_name: str, path: str) -> Verdict:
         """Spend one request's tokens, leasing more when needed. Raises when Redis fails."""
-        plan = self.plan_of(plan_name)
+        plan = self._plan_cache.get(plan_name, _UNRESOLVED)
+        if plan is _UNRESOLVED:
+            plan = self._plan_cache[plan_name] = self.plan_of(plan_name)
         if plan is None:
             return UNLIMITED
+        assert isinstance(plan, Plan)
         cost = 0
         if plan.quota:
             weight = self._weight_of(path)
             cost = weight if plan.unit == "units" else min(weight, 1)
         tokens = self._tokens.get(consumer)
-        if tokens is None or tokens.plan != plan:
+        if tokens is None or tokens.plan is not plan:
             tokens = self._tokens[consumer] = _Tokens(plan)
         now = self._clock.now_ns()
-        if plan.quota:
+        if plan.quota and now // 1_000_000_000 >= tokens.month_end_s:
             self._roll_month(tokens, consumer, now)
         while True:
-            if now >= tokens.rate_deadline_ns and tokens.rate:
+            if tokens.rate and now >= tokens.rate_deadline_ns:
                 tokens.rate_return += tokens.rate
                 tokens.rate = 0
-            rate_ok = not plan.rate or tokens.rate >= 1
-            quota_ok = not cost or tokens.quota_held(now) >= cost
-            if rate_ok and quota_ok:
+            held = tokens.quota_held(now) if cost else 0
+            if (not plan.rate or tokens.rate >= 1) and (not cost or held >= cost):
                 return self._spend(tokens, consumer, cost, now)
             if now < tokens.blocked_until_ns:
                 return self._refusal(tokens, now)
@@ -373,6 +400,7 @@ class Limiter:
         if quota_granted:
             tokens.leases.append(_Lease(lease_id, quota_granted, now + int(QUOTA_LEASE_S * 1e9)))
         tokens.rate_left, tokens.quota_left = rate_left, quota_left
+        tokens.version += 1
         if refused == 2:
             tokens.blocked, tokens.retry_s = "quota-exceeded", tokens.month_end_s - now // 10**9
             recheck = (QUOTA_LEASE_S + RECLAIM_GRACE_S) * 1e9  # reclaimed leases may free some
@@ -391,6 +419,7 @@ class Limiter:
         tokens.month = f"{local.year:04d}-{local.month:02d}"
         tokens.month_end_s = next_month_start(local.year, local.month, zone)
         tokens.month_seconds = tokens.month_end_s - start
+        tokens.version += 1
         tokens.leases.clear()  # last month's leases and credit lapse with their month
         tokens.credit = 0
         tokens.quota_left = -1
@@ -403,6 +432,10 @@ class Limiter:
         One policy named ``rate`` and one named ``quota``; never a key or consumer id. The
         policy is the same for a whole month, so it is made once.
         """
+        blocked = tokens.blocked if now < tokens.blocked_until_ns else ""
+        cache_key = (tokens.version, now // 10**9, blocked)
+        if tokens.header_key == cache_key:  # made at most once a second and after each lease
+            return tokens.header_cache
         plan = tokens.plan
         if tokens.policy_month != tokens.month or not tokens.policy:
             tokens.policy_month = tokens.month
@@ -414,7 +447,6 @@ class Limiter:
             if plan.quota:
                 policies.append(f'"quota";q={plan.quota};w={tokens.month_seconds}')
             tokens.policy = ", ".join(policies).encode()
-        blocked = tokens.blocked if now < tokens.blocked_until_ns else ""
         states = []
         if plan.rate:
             left = min(plan.burst, tokens.rate + max(0, tokens.rate_left))
@@ -427,7 +459,9 @@ class Limiter:
             states.append(
                 f'"quota";r={min(left, plan.quota)};t={tokens.month_end_s - now // 10**9}'
             )
-        return ((b"ratelimit-policy", tokens.policy), (b"ratelimit", ", ".join(states).encode()))
+        headers = ((b"ratelimit-policy", tokens.policy), (b"ratelimit", ", ".join(states).encode()))
+        tokens.header_key, tokens.header_cache = cache_key, headers
+        return headers
 
     async def aclose(self) -> None:
         """Give every unspent token back (graceful shutdown)."""

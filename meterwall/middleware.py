@@ -140,7 +140,12 @@ class Meterwall:
 
     async def decide(self, scope: Scope, ex: Exchange) -> Decision:
         """The access decision for a request, noted on its exchange (adapters call this too)."""
-        decision = await self._decide(scope)
+        access = self.access
+        assert access is not None
+        if self._access_loop is asyncio.get_running_loop():
+            decision = await access.decide(scope)
+        else:
+            decision = await self._decide(scope)
         if decision.key is not None:
             ex.consumer, ex.key_id = decision.key.consumer, decision.key.id
         if decision.status:
