@@ -8,11 +8,12 @@ bits, so an unkeyed hash is enough), compared in constant time. ``/openapi.json`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import orjson
@@ -295,7 +296,15 @@ def admin_app(
         Route("/keys/{key_id}/revoke", guarded("admin", key_revoke), methods=["POST"]),
         Route("/keys/{key_id}/rotate", guarded("admin", key_rotate), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if state["redis"] is not None and redis is None:  # ours: close it with the server
+            await state["redis"].aclose()
+            state["redis"] = None
+
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 async def _json_body(request: Request) -> Any:
