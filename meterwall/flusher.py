@@ -106,6 +106,7 @@ class Flusher:
             secret = self._secret = settings.pseudonym_secret.reveal()
             self.sealer = RecordSealer(load_public_key(settings.record_public_key))
             self.pseudonyms = IpPseudonymiser(secret, self.keyspace, self._retention)
+            self.daily_keys = IpPseudonymiser(secret, self.keyspace, self._retention, daily=True)
             self.redactor = Redactor(
                 derive(secret, "fingerprint"), self._address_pseudonym,
                 extra_secret_fields=[settings.api_key_query] if settings.api_key_query else (),
@@ -257,6 +258,8 @@ class Flusher:
             if self.records_on:
                 for hour in self.pseudonyms.unpublished_hours():
                     await self.pseudonyms.prepare(hour, redis)
+                for day in self.daily_keys.unpublished_hours():
+                    await self.daily_keys.prepare(day, redis)
             if time.monotonic() >= self._next_adoption:
                 await self._adopt_orphans(redis)
             if not self._pending:
@@ -295,6 +298,7 @@ class Flusher:
         if self._run_id and run_id != self._run_id:
             if self.records_on:
                 self.pseudonyms.republish()  # a restarted Redis may have lost them
+                self.daily_keys.republish()
             await self._resend_recent(redis)
         self._run_id = run_id
         self._shards_checked = True
@@ -306,12 +310,14 @@ class Flusher:
             return
         if redis is not None:
             await self._read_restrictions(redis)
-            for hour in {ex.start_ns // 1_000_000_000 // HOUR for ex in exchanges}:
-                try:
+            seconds = {ex.start_ns // 1_000_000_000 for ex in exchanges}
+            try:
+                for hour in {s // HOUR for s in seconds}:
                     await self.pseudonyms.prepare(hour, redis)
-                except (RedisError, OSError) as exc:
-                    self._failed(exc)  # seal with a local epoch key; it is published later
-                    break
+                for day in {s // 86400 for s in seconds}:
+                    await self.daily_keys.prepare(day, redis)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)  # seal with local keys; they are published later
         yield_at = time.perf_counter_ns() + _SLICE_NS
         for ex in exchanges:
             try:
@@ -330,6 +336,7 @@ class Flusher:
         self._address_cache.clear()
         self._uniques_members.clear()
         self.pseudonyms.clear_caches()
+        self.daily_keys.clear_caches()
         forget_addresses()
 
     async def _read_restrictions(self, redis: Redis) -> None:
@@ -418,14 +425,16 @@ class Flusher:
     def _count_unique(self, consumer: str, time_s: int, ip16: bytes) -> None:
         """Add a client to the consumer's unique-client count of the UTC day (8-byte pseudonym).
 
-        The daily key is derived from the secret and the date; a HyperLogLog keeps only register
-        maxima, so no pseudonym can be read back from it.
+        The day's key is random, agreed with the other writers through Redis and deleted a
+        retention window after the day ends: the HyperLogLog outlives it, and from then on
+        nobody can test whether an address is in it. It keeps only register maxima, so no
+        pseudonym can be read back from it either.
         """
         day_number = time_s // 86400
         if day_number != self._uniques_day:
             self._uniques_day = day_number
             day = time.strftime("%Y-%m-%d", time.gmtime(time_s))
-            self._uniques_key = (day, derive(self._secret, "uniques|" + day))
+            self._uniques_key = (day, self.daily_keys.epoch(day_number).ip_key)
             self._uniques_members.clear()
         day, key = self._uniques_key
         member = self._uniques_members.get(ip16)  # emptied after every flush, like all such caches

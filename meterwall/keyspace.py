@@ -136,6 +136,10 @@ class Keyspace:
     def epoch_keys(self, hour: int) -> str:
         return f"{self.prefix}:epk:{hour}"
 
+    def uniques_keys(self, day: int) -> str:
+        """The random key(s) of one UTC day of unique-client counts (day: unix time // 86400)."""
+        return f"{self.prefix}:uqk:{day}"
+
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment."""
         return f"{self.prefix}:*"

@@ -503,10 +503,10 @@ def _pseudonyms(settings: Settings, sealed: bool, raw: str) -> tuple[Block, ...]
             ),
             _line(
                 "Distinct clients per customer and UTC day are counted with a HyperLogLog of a "
-                "daily keyed pseudonym (8 bytes of HMAC-SHA256 under a key derived from the "
-                "operator's secret and the date). A HyperLogLog keeps only register maxima, "
-                "never the pseudonyms themselves; unlike the hourly keys, this daily key is not "
-                "destroyed, since it can be derived again from the operator's secret."
+                "daily keyed pseudonym (8 bytes of HMAC-SHA256 under a random key of that day). "
+                "A HyperLogLog keeps only register maxima, never the pseudonyms themselves; like "
+                "the hourly keys, the day's key is deleted when the retention window after the "
+                "day has passed, so the counts can no longer be tested against an address."
             ),
             _line(
                 "Never an unkeyed hash: the whole IPv4 address space can be hashed in minutes, so "

@@ -32,6 +32,7 @@ from .keyspace import Keyspace
 log = logging.getLogger("meterwall")
 
 HOUR = 3600
+DAY = 86400
 _CACHE_LIMIT = 65536
 EPOCH_SCRIPT = resources.files("meterwall").joinpath("lua/epoch_key.lua").read_text()
 INVALID = "ip:invalid"
@@ -80,12 +81,20 @@ class Epoch:
 
 
 class IpPseudonymiser:
-    """Turns client addresses into hourly pseudonyms; used by the flusher, never per request."""
+    """Turns client addresses into hourly pseudonyms; used by the flusher, never per request.
 
-    def __init__(self, secret: bytes, keyspace: Keyspace, retention_s: int) -> None:
-        self._wrap = AESGCM(derive(secret, "epoch-key-wrap"))
+    ``daily=True`` makes the daily keys of the unique-client counts instead: random too, agreed
+    through Redis the same way, and deleted a retention window after their day, so that nobody
+    can later test whether an address is in a day's count (the counts outlive the key).
+    """
+
+    def __init__(self, secret: bytes, keyspace: Keyspace, retention_s: int, *,
+                 daily: bool = False) -> None:  # fmt: skip
+        self._wrap = AESGCM(derive(secret, "uniques-key-wrap" if daily else "epoch-key-wrap"))
         self._keyspace = keyspace
         self._retention = retention_s
+        self._period = DAY if daily else HOUR
+        self._name = keyspace.uniques_keys if daily else keyspace.epoch_keys
         self._epochs: dict[int, Epoch] = {}
         self._local_secrets: dict[int, bytes] = {}
 
@@ -129,11 +138,11 @@ class IpPseudonymiser:
         self._forget_before(hour)
 
     async def _call(self, redis: Any, hour: int, key_id: str, secret: bytes, *, add: bool) -> Any:
-        expire_at = (hour + 1) * HOUR + self._retention
+        expire_at = (hour + 1) * self._period + self._retention
         return await redis.eval(
             EPOCH_SCRIPT,
             1,
-            self._keyspace.epoch_keys(hour),
+            self._name(hour),
             key_id,
             self._wrap_key(hour, key_id, secret),
             expire_at,
@@ -176,7 +185,7 @@ class IpPseudonymiser:
 
     def _forget_before(self, hour: int) -> None:
         """Forget epoch keys the retention window no longer needs (Redis drops them too)."""
-        oldest = hour - self._retention // HOUR - 1
+        oldest = hour - self._retention // self._period - 1
         for old in [h for h in self._epochs if h < oldest]:
             del self._epochs[old]
             self._local_secrets.pop(old, None)

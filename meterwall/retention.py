@@ -244,6 +244,8 @@ class Auditor:
                 self._check_expiry(key, int(ttl), now, expiry)
             elif kind in ("dk", "epk"):  # keys that open records or link pseudonyms to IPs
                 self._check_key_expiry(key, int(ttl), expiry)
+            elif kind == "uqk":  # a day's unique-client key: gone a window after its day
+                self._check_key_expiry(key, int(ttl), expiry, period=86400)
             if kind == "rec":
                 self._check_ages(key, kind_of_value, value, now, age)
             for where, text in self._clear_texts(key, kind, _parts(kind_of_value, value)):
@@ -282,12 +284,12 @@ class Auditor:
             if now + ttl > slice_start + RETENTION_CEILING:
                 check.problems.append(f"{key} outlives its slice start by more than the ceiling")
 
-    def _check_key_expiry(self, key: str, ttl: int, check: Check) -> None:
-        """Data keys and pseudonym keys live until their hour's last record is gone."""
+    def _check_key_expiry(self, key: str, ttl: int, check: Check, *, period: int = 3600) -> None:
+        """Data keys and pseudonym keys live until their hour's (or day's) last record is gone."""
         if ttl < 0:
             check.problems.append(f"{key} has no expiry")
-        elif ttl > RETENTION_CEILING + 3600:
-            check.problems.append(f"{key} expires in {ttl} s, beyond its hour plus the ceiling")
+        elif ttl > RETENTION_CEILING + period:
+            check.problems.append(f"{key} expires in {ttl} s, beyond its period plus the ceiling")
 
     def _check_ages(
         self, key: str, kind_of_value: str, entries: Any, now: int, check: Check
@@ -325,7 +327,7 @@ class Auditor:
             stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
             refs = self._refs.setdefault(stream, [])
         for part, value in parts:
-            if (part == "value" and kind in ("dk", "epk")) or part == "sealed":
+            if (part == "value" and kind in ("dk", "epk", "uqk")) or part == "sealed":
                 continue  # wrapped keys and sealed records are ciphertext
             if kind == "rec" and (
                 (part == "field" and value in (b"n", b"r"))
@@ -444,10 +446,11 @@ async def purge(
             )
         if old:
             await redis.zremrangebyscore(keyspace.slices(shard), "-inf", now - retention_s)
-    async for raw_key in redis.scan_iter(match=f"{keyspace.prefix}:epk:*"):
-        hour = int(raw_key.decode().rsplit(":", 1)[1])
-        if (hour + 1) * 3600 + retention_s <= now:
-            deleted += await redis.delete(raw_key)
+    for kind, period in (("epk", 3600), ("uqk", 86400)):
+        async for raw_key in redis.scan_iter(match=f"{keyspace.prefix}:{kind}:*"):
+            number = int(raw_key.decode().rsplit(":", 1)[1])
+            if (number + 1) * period + retention_s <= now:
+                deleted += await redis.delete(raw_key)
     rewrites = 0
     config = await redis.config_get("appendonly")
     if config.get("appendonly") == "yes":

@@ -222,3 +222,24 @@ async def test_each_granularity_expires_after_its_own_retention(redis, settings)
     assert 7200 - 900 <= ttl_15m <= 7200
     assert 40 * 86400 - 900 <= ttl_day <= 40 * 86400
     assert abs(await redis.ttl(keyspace.uniques("acme", day)) - 40 * 86400) <= 5
+
+
+async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
+    redis, settings
+) -> None:
+    """Two workers count one client once; the day's key expires a window after the day."""
+    own = settings.replace(consumer_header="X-Consumer")
+    headers = [(b"x-consumer", b"hooli")]
+    for worker in (Meterwall(ok_app, settings=own), Meterwall(ok_app, settings=own)):
+        for n in range(4):
+            scope = http_scope(headers=headers, client=(f"192.0.2.{n % 2}", 1000 + n))
+            await worker(scope, body_receive(), _discard)
+        await worker.aclose()
+    today = int(time.time()) // 86400
+    assert await UsageReader(redis, own.keyspace()).unique_clients(
+        "hooli", datetime.now(UTC).strftime("%Y-%m-%d")
+    ) == 2  # fmt: skip
+    day_key = own.keyspace().uniques_keys(today)
+    assert await redis.hlen(day_key) == 1  # one random key, agreed through Redis
+    expires = time.time() + await redis.ttl(day_key)  # TTL, not EXPIRETIME: Redis 6.2 too
+    assert abs(expires - ((today + 1) * 86400 + int(own.raw_retention))) <= 2
