@@ -59,9 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the in-process per-stage microbenchmark (overhead.py)",
     )
     parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="S",
+        help="instead: the memory soak, S seconds of load each for the bare app and variant 4 "
+        "(600 for the issue's 10 minutes); --write updates only its RESULTS.md section",
+    )
+    parser.add_argument(
         "--write", action="store_true", help="update RESULTS.md, results.json and throughput.png"
     )
     args = parser.parse_args(argv)
+    if args.soak is not None and args.soak < 10:
+        parser.error("--soak needs at least 10 seconds (600 for the issue's 10 minutes)")
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     unknown = sorted(set(keys) - set(ALL))
     if unknown:
@@ -85,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.getLogger("meterwall").setLevel(logging.ERROR)
+    if args.soak is not None:
+        from .soak import main as soak
+
+        soak(args)
+        return
     t0 = time.monotonic()
     results = run(args)
     results["wall_s"] = time.monotonic() - t0

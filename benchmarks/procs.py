@@ -7,16 +7,19 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
+
+from meterwall.keyspace import SEP
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root: `benchmarks` is importable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -214,6 +217,47 @@ def counted_requests(client: Redis, prefix: str = "mw") -> int:
             if field.rsplit(sep, 1)[-1] == b"requests":
                 total += int(value)
     return total
+
+
+def ledger_day_bytes(client: Redis, consumers: Sequence[str], prefix: str = "mw") -> dict[str, Any]:
+    """Bytes of the usage ledger per consumer-route-day, from ``MEMORY USAGE`` of day hashes.
+
+    Each consumer's day hash (``<prefix>:{sNN}:cd:<consumer>:<YYYY-MM-DD>``, one per local day)
+    holds fields ``key id SEP route SEP method SEP status SEP measure``; the "routes" of a hash
+    are its distinct (key id, route, method, status) combinations. Returns the median over the
+    hashes found (normally one per consumer) of its bytes, routes, fields and bytes per route.
+    """
+    rows = []
+    for consumer in consumers:
+        for key in client.scan_iter(match=f"{prefix}:*:cd:{consumer}:*", count=1000):
+            fields = [f.decode() if isinstance(f, bytes) else str(f) for f in client.hkeys(key)]
+            if not fields:
+                continue
+            size = client.memory_usage(key, samples=0)
+            if size is None:
+                continue
+            routes = {f.rpartition(SEP)[0] for f in fields}
+            latency = sum(1 for f in fields if f.rpartition(SEP)[2].startswith("lat:"))
+            encoding = client.object("encoding", key)
+            rows.append(
+                {
+                    "bytes": int(size),
+                    "routes": len(routes),
+                    "fields": len(fields),
+                    "latency_buckets": latency,
+                    "per_route": int(size) / len(routes),
+                    "encoding": encoding.decode() if isinstance(encoding, bytes) else encoding,
+                }
+            )
+    if not rows:
+        return {}
+    out: dict[str, Any] = {
+        name: statistics.median(float(r[name]) for r in rows)
+        for name in ("bytes", "routes", "fields", "latency_buckets", "per_route")
+    }
+    out["hashes"] = len(rows)
+    out["encodings"] = sorted({str(r["encoding"]) for r in rows})
+    return out
 
 
 def log_problems(text: str) -> tuple[list[str], int]:

@@ -26,7 +26,7 @@ from meterwall.pseudonyms import derive
 from meterwall.sealing import generate_keypair
 
 from . import load, profiling, report
-from .procs import ROOT, Cores, Server, counted_requests, redis_stats
+from .procs import ROOT, Cores, Server, counted_requests, ledger_day_bytes, redis_stats
 
 #: Variant 5's access settings: GET /ping (the readiness check) stays public, POST /echo needs a
 #: key with the scope ``items:write``, and the plan's rate limit and quota are far from being hit.
@@ -180,7 +180,8 @@ def finish(t: Target) -> dict[str, Any]:
         check.update(client_completed=t.sent, max_cut=t.max_cut,
                      meterwall_counted=counted_requests(t.redis),
                      redis_used_memory=t.redis.info("memory")["used_memory"],
-                     redis_keys=t.redis.dbsize())  # fmt: skip
+                     redis_keys=t.redis.dbsize(),
+                     ledger=ledger_day_bytes(t.redis, load.CONSUMERS))  # fmt: skip
     return check
 
 

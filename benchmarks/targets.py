@@ -172,8 +172,8 @@ def lines(results: dict[str, Any]) -> list[str]:
         out.append(
             f"- RSS added by meterwall under sustained load under 30 MiB: peak RSS of 4 "
             f"minus bare = {added_mib:.1f} MiB: {_verdict(added_mib < 30)}; flat over a "
-            f"10-minute run: not measured here (RSS of 4 after its first and last "
-            f"repetition: {first:.1f} and {last:.1f} MiB)"
+            f"10-minute run: {_soak_text()} (RSS of 4 after its first and last repetition of "
+            f"this run: {first:.1f} and {last:.1f} MiB)"
         )
     if "4" in thr and "redis_mem_per_req" in thr["4"]:
         per = thr["4"]["redis_mem_per_req"]["median"]
@@ -184,8 +184,48 @@ def lines(results: dict[str, Any]) -> list[str]:
             f"{per:.0f} B per request (used_memory growth of variant 4's own Redis per "
             f"request, counters included{counters}): {_verdict(per < 400)}"
         )
-    out.append("- Ledger bytes per consumer-route-day: not measured by this command")
+    out.append(_ledger_text(results))
     return out
+
+
+def _soak_text() -> str:
+    """The soak's figures when RESULTS.md holds its section (``python -m benchmarks --soak``)."""
+    from .soak import SLOPE_TARGET, recorded
+
+    soak = recorded()
+    if soak is None or "slope_mib_min" not in soak:
+        return "not measured here (`python -m benchmarks --soak 600` measures it)"
+    added = soak.get("added_mib")
+    added_text = (
+        f"peak RSS of 4 minus bare {added:.1f} MiB: {_verdict(soak['added_ok'])}; "
+        if added is not None
+        else ""
+    )
+    return (
+        f'see the section "Memory under sustained load" below (`{soak["command"]}`, '
+        f"{soak['date']}): {added_text}slope of 4's RSS over the last "
+        f"{soak['window_min']:.2g} minutes {soak['slope_mib_min']:+.3f} MiB/min (flat: under "
+        f"{SLOPE_TARGET:g}): {_verdict(soak['flat_ok'])}"
+    )
+
+
+def _ledger_text(results: dict[str, Any]) -> str:
+    """Bytes per consumer-route-day: MEMORY USAGE of the consumers' day hashes after the run."""
+    found = [(k, c["ledger"]) for k in ("3", "4", "5")
+             if (c := results["checks"].get(k, {})).get("ledger")]  # fmt: skip
+    if not found:
+        return "- Ledger bytes per consumer-route-day: not measured (variants 3, 4 and 5 not run)"
+    key, ledger = found[0]
+    others = "".join(f"; variant {k}: {x['per_route']:.0f} B" for k, x in found[1:])
+    fields, buckets = ledger["fields"], ledger["latency_buckets"]
+    return (
+        f"- Ledger bytes per consumer-route-day: {ledger['per_route']:.0f} B (`MEMORY USAGE` of "
+        f"each consumer's day hash `mw:{{sNN}}:cd:<consumer>:<YYYY-MM-DD>` in variant {key}'s "
+        f"Redis after the run, divided by its (key id, route, method, status) combinations; "
+        f"median over {ledger['hashes']} hashes: {ledger['bytes']:g} B, {ledger['routes']:g} "
+        f"route(s), {fields:g} fields ({fields - buckets:g} measures and {buckets:g} latency "
+        f"buckets), {'/'.join(ledger['encodings'])} encoding{others})"
+    )
 
 
 def checks(results: dict[str, Any]) -> list[str]:
