@@ -265,8 +265,10 @@ class Flusher:
             if not self._pending:
                 await self._read_registry(redis)
                 self._pack(counters_due=self._flushing or time.monotonic() >= self._counters_at)
+                await asyncio.sleep(0)  # requests first: packing and sending are separate steps
             if self._pending:
                 await self._send(redis)
+            await asyncio.sleep(0)
             try:
                 self.journal.compact(self.meter.peek())
             except OSError as exc:
