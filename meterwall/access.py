@@ -146,69 +146,52 @@ class AccessControl:
         if self._listener is None or self._listener.done():
             self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
 
-    def _cached_key(self, scope: Scope) -> ApiKey | None:
-        """The presented key if the cache knows it as valid right now; else None (slow path)."""
-        presented = self._presented_key(scope)
-        if presented is None:
-            return None
-        mac = self._mac.copy()
-        mac.update(presented.encode())
-        cached = self._cache.get(mac.hexdigest())
-        if cached is None or cached[0] <= time.monotonic():
-            return None
-        key = cached[1]
-        if key is None or key.state(int(time.time())) != "valid":
-            return None
-        return key
-
-    async def _identify(
-        self, scope: Scope, rule: Rule | None
-    ) -> tuple[ApiKey | None, Decision | None, bool]:
-        """(the caller, an early answer, admitted from a stale cache entry while Redis is away).
-
-        Resolver plugins go first; a request they do not recognise goes on to the API key.
-        """
+    async def _resolve(self, scope: Scope) -> tuple[ApiKey | None, Decision | None]:
+        """What the resolver plugins make of the request: a caller, a refusal, or nothing."""
         for resolver in self._resolvers:
             try:
                 caller = await resolver.resolve(scope)
             except InvalidCaller as exc:
-                return None, Decision(401, exc.reason), False
+                return None, Decision(401, exc.reason)
             if caller is not None:
-                resolved = ApiKey(caller.key_id, caller.consumer, "", scopes=tuple(caller.scopes))
-                return resolved, None, False
-        presented = self._presented_key(scope)
-        if presented is None:
-            public = rule is not None and rule.public
-            return None, ADMIT if public else Decision(401, "missing-key"), False
+                return ApiKey(caller.key_id, caller.consumer, "", scopes=tuple(caller.scopes)), None
+        return None, None
+
+    def _vouched(self, cached: tuple[float, ApiKey | None] | None) -> ApiKey | None:
+        """The cached key if the cache may answer alone: fresh, valid now, Redis not refused."""
+        if cached is None or cached[0] <= time.monotonic() or cached[1] is None:
+            return None
+        if self._on_error == "closed" and time.monotonic() < self._down_until:
+            return None  # the slow path answers 503
+        return cached[1] if cached[1].state(int(time.time())) == "valid" else None
+
+    async def _verify(
+        self, presented: str, digest: str, cached: tuple[float, ApiKey | None] | None
+    ) -> tuple[ApiKey | None, Decision | None, bool]:
+        """A key the cache could not vouch for, looked up in Redis: (key, an early answer,
+        admitted from a stale cache entry while Redis is away)."""
         if self._on_error == "closed" and time.monotonic() < self._down_until:
             self.degraded_decisions += 1
             return None, Decision(503, "store-unavailable", degraded=True), False
-        mac = self._mac.copy()
-        mac.update(presented.encode())
-        digest = mac.hexdigest()  # the cache is keyed by the keyed hash, never by the key
-        cached = self._cache.get(digest)
-        now = time.time()
+        now = int(time.time())
         stale = False
         key: ApiKey | None
         if cached is not None and cached[0] > time.monotonic():
-            key = cached[1]
-            state = "unknown" if key is None else key.state(int(now))
+            key = cached[1]  # known, but not valid now (unknown, expired or revoked)
+            state = "unknown" if key is None else key.state(now)
         else:
             store = KeyStore(self._redis, self._keyspace, self._server_key)
             try:
                 # shielded: a request cancelled by its client must not cut a command in half
-                lookup = asyncio.ensure_future(store.verify(presented, int(now)))
-                key, state = await asyncio.shield(lookup)
+                key, state = await asyncio.shield(
+                    asyncio.ensure_future(store.verify(presented, now))
+                )
             except Exception as exc:  # any store failure: the failure policy decides
                 self._down_until = time.monotonic() + 5
                 log.warning("meterwall: access check could not reach Redis: %s", exc)
                 known = cached[1] if cached is not None else None
-                if (
-                    self._on_error == "open"
-                    and known is not None
-                    and known.state(int(now)) == "valid"
-                ):
-                    key, state, stale = known, "valid", True  # known valid: admitted without Redis
+                if self._on_error == "open" and known is not None and known.state(now) == "valid":
+                    key, state, stale = known, "valid", True  # known valid: admitted as is
                 else:
                     self.degraded_decisions += 1
                     return None, Decision(503, "store-unavailable", degraded=True), False
@@ -239,18 +222,24 @@ class AccessControl:
         address = self._client_address(scope)
         if not self._network_ok(address, ()):
             return Decision(403, "network")
-        slow = self._resolvers or (
-            self._on_error == "closed" and time.monotonic() < self._down_until
-        )
-        known = None if slow else self._cached_key(scope)
-        if known is not None:  # the steady state: a valid key from the cache, no await
-            key, stale = known, False
-        else:
-            found, answer, stale = await self._identify(scope, rule)
-            if answer is not None:
-                return answer
-            assert found is not None
-            key = found
+        key, answer = await self._resolve(scope) if self._resolvers else (None, None)
+        if answer is not None:
+            return answer
+        stale = False
+        if key is None:
+            presented = self._presented_key(scope)
+            if presented is None:
+                return ADMIT if rule is not None and rule.public else Decision(401, "missing-key")
+            mac = self._mac.copy()
+            mac.update(presented.encode())
+            digest = mac.hexdigest()  # the cache is keyed by the keyed hash, never by the key
+            cached = self._cache.get(digest)
+            key = self._vouched(cached)  # the steady state: a valid key, nothing awaited
+            if key is None:
+                key, answer, stale = await self._verify(presented, digest, cached)
+                if answer is not None:
+                    return answer
+        assert key is not None
         now = time.time()
         if key.cidrs and not self._network_ok(address, key.cidrs):
             return Decision(403, "network", key)

@@ -94,7 +94,8 @@ class Meterwall:
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind == "websocket" and self.access is not None:
-            decision = await self._decide(scope)
+            self._bind_access(self.access)
+            decision = await self.access.decide(scope)
             if decision.status:  # the handshake gets the same decision as a request
                 await send_denial(decision, scope, send)
                 return
@@ -102,15 +103,13 @@ class Meterwall:
         else:
             await self.app(scope, receive, send)
 
-    async def _decide(self, scope: Scope) -> Decision:
-        access = self.access
-        assert access is not None
+    def _bind_access(self, access: AccessControl) -> None:
+        """Redis clients belong to the loop they were made in: (re)bind them to this one."""
         loop = asyncio.get_running_loop()
-        if self._access_loop is not loop:  # clients belong to the loop they were made in
+        if self._access_loop is not loop:
             self._access_loop = loop
             access.bind(connect(self.settings, timeout=self.settings.access_timeout),
                         connect(self.settings, timeout=None, one_node=True))  # fmt: skip
-        return await access.decide(scope)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope, receive, send, self._body_limit, self.clock.now_ns())
@@ -142,10 +141,8 @@ class Meterwall:
         """The access decision for a request, noted on its exchange (adapters call this too)."""
         access = self.access
         assert access is not None
-        if self._access_loop is asyncio.get_running_loop():
-            decision = await access.decide(scope)
-        else:
-            decision = await self._decide(scope)
+        self._bind_access(access)
+        decision = await access.decide(scope)
         if decision.key is not None:
             ex.consumer, ex.key_id = decision.key.consumer, decision.key.id
         if decision.status:
