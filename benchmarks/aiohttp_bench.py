@@ -39,6 +39,7 @@ from meterwall.sealing import generate_keypair
 
 from . import load
 from .procs import ROOT, Cores, Server, counted_requests, free_port, redis_stats
+from .report import replace_section
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
@@ -536,15 +537,8 @@ def wait_for_others(limit_s: float, what: str) -> bool:
 
 
 def write_results(text: str) -> None:
-    """Replace this command's section; the file is re-read right before, others' edits stay."""
-    old = RESULTS.read_text()
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        new = f"{head}{BEGIN}\n{text}{END}{tail}"
-    else:
-        new = f"{old.rstrip()}\n\n{SECTION_TITLE}\n\n{BEGIN}\n{text}{END}\n"
-    RESULTS.write_text(new)
+    """Replace this command's section of RESULTS.md (others' edits stay)."""
+    replace_section(BEGIN, END, text, SECTION_TITLE)
 
 
 # --- command line -------------------------------------------------------------------------------

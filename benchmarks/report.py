@@ -145,13 +145,22 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_section(begin: str, end: str, text: str, title: str = "") -> None:
+    """Put ``text`` between two markers of RESULTS.md (appended, under ``title``, when they are
+    missing). The file is read right before it is written, so other sections' edits stay."""
+    old = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
+    if begin in old and end in old:
+        head, _, rest = old.partition(begin)
+        _, _, tail = rest.partition(end)
+        new = f"{head}{begin}\n{text}{end}{tail}"
+    else:
+        heading = f"{title}\n\n" if title else ""
+        new = f"{old.rstrip()}\n\n{heading}{begin}\n{text}{end}\n"
+    RESULTS_MD.write_text(new)
+
+
 def write(results: dict[str, Any], text: str) -> list[str]:
-    old = RESULTS_MD.read_text() if RESULTS_MD.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in old:
-        old += f"\n{BEGIN}\n{END}\n"
-    head, _, rest = old.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    RESULTS_MD.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    replace_section(BEGIN, END, text)
     RESULTS_JSON.write_text(json.dumps(results, indent=1, default=str) + "\n")
     return [f"wrote {RESULTS_MD.name}, {RESULTS_JSON.name}", chart(results)]
 

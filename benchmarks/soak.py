@@ -259,15 +259,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(text: str) -> str:
-    """Replace the soak section of RESULTS.md, re-read right before; others' edits stay."""
-    old = report.RESULTS_MD.read_text()
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        new = f"{head}{BEGIN}\n{text}{END}{tail}"
-    else:
-        new = f"{old.rstrip()}\n\n{TITLE}\n\n{BEGIN}\n{text}{END}\n"
-    report.RESULTS_MD.write_text(new)
+    """Replace the soak section of RESULTS.md (others' edits stay)."""
+    report.replace_section(BEGIN, END, text, TITLE)
     return f"wrote the soak section of {report.RESULTS_MD.name}"
 
 

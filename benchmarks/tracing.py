@@ -54,9 +54,11 @@ from meterwall.subjects import SubjectRights
 from meterwall.tracing import Trace, TraceQuery, Tracer
 from meterwall.types import Message, Receive, Scope, Send
 
+from .report import replace_section
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-RESULTS = HERE / "RESULTS.md"
+RESULTS = HERE / "RESULTS.md"  # the file .report.replace_section writes
 BEGIN, END = "<!-- tracing:start -->", "<!-- tracing:end -->"
 SECTION_TITLE = "## Incident tracing at scale: `python -m benchmarks.tracing`"
 RUN_AS = ["python", *(["-m", "benchmarks.tracing"] if __spec__ else ["benchmarks/tracing.py"])]
@@ -723,16 +725,9 @@ def wait_for_other_writers(limit_s: float = 3600) -> None:
 
 
 def write_results(text: str) -> None:
-    """Replace this command's section; the file is re-read right before, others' edits stay."""
+    """Replace this command's section of RESULTS.md, once no other benchmark writes it."""
     wait_for_other_writers()
-    old = RESULTS.read_text()
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        new = f"{head}{BEGIN}\n{text}{END}{tail}"
-    else:
-        new = f"{old.rstrip()}\n\n{SECTION_TITLE}\n\n{BEGIN}\n{text}{END}\n"
-    RESULTS.write_text(new)
+    replace_section(BEGIN, END, text, SECTION_TITLE)
 
 
 def main() -> None:

@@ -75,7 +75,6 @@ class Sealed(NamedTuple):
 
 _LENGTH = struct.Struct(">I")
 _POSITION = struct.Struct(">H")
-_MISSING = object()
 _SERVER_CHECK_EVERY = 5.0  # seconds
 _REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
 _CACHE_LIMIT = 65536
