@@ -38,7 +38,15 @@ from meterwall.embedded import EmbeddedRedis
 from meterwall.sealing import generate_keypair
 
 from . import load
-from .procs import ROOT, Cores, Server, counted_requests, free_port, redis_stats
+from .procs import (
+    ROOT,
+    Cores,
+    Server,
+    counted_requests,
+    free_port,
+    other_benchmarks,
+    redis_stats,
+)  # fmt: skip
 from .report import replace_section
 
 HERE = Path(__file__).parent
@@ -477,50 +485,6 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 # --- other benchmarks and RESULTS.md ------------------------------------------------------------
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _ancestors(pid: int) -> list[int]:
-    out = []
-    while (pid := _ppid(pid)) > 1:
-        out.append(pid)
-    return out
-
-
-def _is_benchmark(argv: list[str]) -> bool:
-    """A Python process running a module or script of benchmarks/ (not an editor, not a shell)."""
-    if not argv or not Path(argv[0]).name.startswith("python"):
-        return False
-    return any(a == "benchmarks" or a.startswith(("benchmarks.", "benchmarks/"))
-               or "/benchmarks/" in a for a in argv[1:])  # fmt: skip
-
-
-def other_benchmarks() -> list[str]:
-    """``pgrep -f benchmarks``, less this process, its ancestors and its children, and less
-    whatever is not a Python process running benchmarks (shells, editors, ruff, pgrep)."""
-    found = subprocess.run(["pgrep", "-f", "benchmarks"], capture_output=True, text=True,
-                           check=False).stdout.split()  # fmt: skip
-    me = os.getpid()
-    mine = {me, *_ancestors(me)}
-    busy = []
-    for text in found:
-        pid = int(text)
-        if pid in mine or me in _ancestors(pid):
-            continue  # this process, the shells that started it, or a process it started
-        try:
-            argv = [a.decode(errors="replace") for a in
-                    Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]  # fmt: skip
-        except OSError:
-            continue
-        if _is_benchmark(argv):
-            busy.append(f"{pid}: {shlex.join(argv)}")
-    return busy
 
 
 def wait_for_others(limit_s: float, what: str) -> bool:

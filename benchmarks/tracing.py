@@ -54,6 +54,7 @@ from meterwall.subjects import SubjectRights
 from meterwall.tracing import Trace, TraceQuery, Tracer
 from meterwall.types import Message, Receive, Scope, Send
 
+from .procs import other_benchmarks
 from .report import replace_section
 
 HERE = Path(__file__).parent
@@ -678,46 +679,9 @@ def report(args: argparse.Namespace, out: Outcome) -> str:
 # --- RESULTS.md ----------------------------------------------------------------------------------
 
 
-def _other_writers() -> list[str]:
-    """Other processes that may rewrite RESULTS.md: ``python -m benchmarks ... --write`` and
-    ``benchmarks/overhead.py --write`` (matched on argv elements, so shells do not count)."""
-    found = []
-    mine = _ancestors()  # this process and whatever started it (a shell, ``timeout``, ...)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv if a]
-        if "--write" not in args:
-            continue
-        if any(a == "benchmarks" or a.startswith("benchmarks.") or "benchmarks/" in a
-               for a in args):  # fmt: skip
-            found.append(f"{entry.name}: {' '.join(args)}")
-    pgrep = subprocess.run(["pgrep", "-f", "benchmarks --write"], capture_output=True, text=True,
-                           check=False)  # fmt: skip
-    found += [f"{pid} (pgrep)" for pid in pgrep.stdout.split() if int(pid) not in mine]
-    return found
-
-
-def _ancestors() -> set[int]:
-    """The pids of this process and of every process above it."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent
-    return pids
-
-
 def wait_for_other_writers(limit_s: float = 3600) -> None:
     deadline = time.monotonic() + limit_s
-    while busy := _other_writers():
+    while busy := other_benchmarks():
         if time.monotonic() > deadline:
             raise SystemExit(f"still running after {limit_s:.0f} s, not writing: {busy}")
         print(f"waiting for another benchmark writing RESULTS.md: {busy}", flush=True)
