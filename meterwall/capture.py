@@ -104,10 +104,11 @@ class Exchange:
             self.disconnected = True
             raise
 
-    def finish(self, root_path: str, *, keep_route: bool = False) -> None:
-        """Called once the app returned or raised: fix the duration and the route template."""
+    def finish(self, root_path: str) -> None:
+        """Called once the app returned or raised: fix the duration and the route template
+        (unless one is known already: a refused request's, found before the app ran)."""
         self.duration_ns = time.perf_counter_ns() - self._t0
-        if not keep_route:
+        if self.route == UNMATCHED:
             self.route = route_template(self.scope, root_path)
 
 

@@ -131,7 +131,7 @@ class Meterwall:
             raise
         finally:
             try:
-                ex.finish(root_path, keep_route=bool(ex.denied))
+                ex.finish(root_path)
             except Exception:  # metering must never break the app
                 log.exception("meterwall: could not record a request")
             else:
