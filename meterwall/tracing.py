@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from .apikeys import KeyStore
 from .auditlog import AuditLog, LongLivedPseudonyms, cli_actor
 from .clientip import canonical_ip
 from .clock import SYSTEM_CLOCK, Clock
@@ -255,8 +256,8 @@ class Tracer:
         """A consumer's records live in its shard; a key's in its consumer's shard."""
         consumer = query.consumer
         if consumer is None and query.key_id is not None:
-            raw = await self._redis.get(self._keyspace.api_key(query.key_id))
-            consumer = _consumer_of(raw)
+            key = await KeyStore.for_settings(self._redis, self._settings).get(query.key_id)
+            consumer = key.consumer if key is not None else None
         if consumer is not None:
             return [self._keyspace.shard_of(consumer)]
         return list(range(self._keyspace.shards))
@@ -322,12 +323,6 @@ def _in_subnet(address: str | None, subnet: str) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return (mapped or ip) in ip_network(subnet.strip(), strict=False)
-
-
-def _consumer_of(raw: bytes | None) -> str | None:
-    import orjson
-
-    return None if raw is None else str(orjson.loads(raw)["consumer"])
 
 
 def iso_utc(time_ns: int) -> str:
