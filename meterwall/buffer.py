@@ -15,32 +15,40 @@ T = TypeVar("T")
 
 
 class ByteBoundedQueue(Generic[T]):
-    """A FIFO of items with a byte size each; ``put`` drops the oldest items beyond the limit."""
+    """A FIFO of items with a byte size each; ``put`` drops the oldest items beyond the limit.
 
-    __slots__ = ("_items", "bytes", "dropped", "limit")
+    Items and sizes are kept apart (not as pairs) so that an item the garbage collector can
+    untrack is not wrapped in a tuple it must untrack too."""
+
+    __slots__ = ("_items", "_sizes", "bytes", "dropped", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.bytes = 0
         self.dropped = 0
-        self._items: deque[tuple[int, T]] = deque()
+        self._items: deque[T] = deque()
+        self._sizes: deque[int] = deque()
 
     def put(self, item: T, size: int) -> None:
-        self._items.append((size, item))
+        self._items.append(item)
+        self._sizes.append(size)
         self.bytes += size
         while self.bytes > self.limit and self._items:
-            dropped_size, _ = self._items.popleft()
-            self.bytes -= dropped_size
+            self._items.popleft()
+            self.bytes -= self._sizes.popleft()
             self.dropped += 1
 
     def take(self, n: int) -> list[T]:
         """Remove and return up to ``n`` of the oldest items."""
-        out: list[T] = []
-        items = self._items
-        while items and len(out) < n:
-            size, item = items.popleft()
-            self.bytes -= size
-            out.append(item)
+        items, sizes = self._items, self._sizes
+        if n >= len(items):
+            out = list(items)
+            items.clear()
+            sizes.clear()
+            self.bytes = 0
+            return out
+        out = [items.popleft() for _ in range(n)]
+        self.bytes -= sum([sizes.popleft() for _ in range(n)])
         return out
 
     def take_dropped(self) -> int:
@@ -51,4 +59,4 @@ class ByteBoundedQueue(Generic[T]):
         return len(self._items)
 
     def __iter__(self) -> Iterator[T]:
-        return (item for _, item in self._items)
+        return iter(self._items)

@@ -9,11 +9,58 @@ expensive (client-IP resolution, redaction, pseudonyms, sealing) happens later i
 from __future__ import annotations
 
 import time
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 from .types import Message, Receive, Scope, Send
 
 UNMATCHED = "<unmatched>"
+
+
+class Captured(NamedTuple):
+    """A finished exchange as it waits to be sealed: plain values only.
+
+    An ``Exchange`` holds the scope (the app, the router, per-request state) and the server's
+    receive and send callables (its connection objects). Kept for a flush interval, thousands of
+    them would keep all of that alive and hand the garbage collector tens of thousands of
+    containers to walk on every pass: under load that was 13 µs per request and pauses of up to
+    50 ms. This tuple holds bytes, strings and numbers; the server's objects are freed with the
+    request.
+
+    Queued, it is a plain tuple (``Exchange.captured``) whose headers are one flat run of names
+    and values: the collector untracks a tuple of bytes, strings and numbers at its first pass,
+    but a tuple of tracked tuples only one nesting level per pass, so nested headers would ride
+    into the oldest generation and trigger full collections. ``Captured.from_row`` reads it.
+    """
+
+    start_ns: int
+    method: str
+    path: str
+    query_string: bytes
+    scheme: str
+    http_version: str
+    server: Any  # (host, port) or None
+    client: Any  # (host, port) or None
+    headers: tuple[tuple[bytes, bytes], ...]
+    route: str
+    consumer: str
+    key_id: str
+    denied: str
+    status: int
+    error: bool
+    disconnected: bool
+    duration_ns: int
+    ttfb_ns: int
+    bytes_in: int
+    bytes_out: int
+    body: bytes
+    truncated: bool
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> Captured:
+        """A queued row (``Exchange.captured``), with its headers paired again."""
+        flat = row[8]
+        return cls._make((*row[:8], tuple(zip(flat[::2], flat[1::2], strict=True)), *row[9:]))
 
 
 class Exchange:
@@ -103,6 +150,22 @@ class Exchange:
         except OSError:
             self.disconnected = True
             raise
+
+    def captured(self) -> tuple[Any, ...]:
+        """What the flusher keeps of this finished exchange: the fields of ``Captured`` as a
+        plain tuple with flat headers, which the collector stops tracking at its first pass (a
+        named tuple stays tracked for as long as it lives). ``Captured.from_row`` reads it."""
+        scope = self.scope
+        body = self.body
+        return (
+            self.start_ns, scope.get("method", ""), scope.get("path", ""),
+            scope.get("query_string", b""), scope.get("scheme", "http"),
+            scope.get("http_version", ""), scope.get("server"), scope.get("client"),
+            tuple(chain.from_iterable(scope.get("headers") or ())), self.route, self.consumer,
+            self.key_id, self.denied, self.status, self.error, self.disconnected,
+            self.duration_ns, self.ttfb_ns, self.bytes_in, self.bytes_out,
+            body[0] if len(body) == 1 else b"".join(body), self.truncated,
+        )  # fmt: skip
 
     def finish(self, root_path: str) -> None:
         """Called once the app returned or raised: fix the duration and the route template

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 from redis.asyncio import Redis
@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .auditlog import LongLivedPseudonyms
 from .buffer import ByteBoundedQueue
-from .capture import METHODS, Exchange
+from .capture import METHODS, Captured, Exchange
 from .clientip import canonical_ip, forget_addresses
 from .clock import Clock
 from .consumers import Consumer, ConsumerRegistry
@@ -65,12 +65,16 @@ _EXCHANGE_OVERHEAD = 512  # bytes a queued exchange costs beyond its captured bo
 _SLICE_NS = 500_000  # the flusher gives the loop back at least every 0.5 ms of sealing
 
 
-class Sealed(NamedTuple):
-    shard: int
-    slice_start: int
-    blob: bytes
-    idents: tuple[bytes, ...]  # 17 bytes each: index tag + 16-byte keyed identifier
-    key: DataKey
+#: A sealed record waiting to be sent: (shard, slice start, envelope, index idents, data key
+#: id); each ident is 17 bytes, an index tag and a 16-byte keyed identifier. A plain tuple of
+#: bytes and numbers, like a queued exchange (``capture.Captured``), so that the garbage
+#: collector stops tracking it; the data keys themselves wait in ``Flusher._data_keys_by_id``.
+Sealed = tuple[int, int, bytes, tuple[bytes, ...], bytes]
+
+
+def sealed_size(sealed: Sealed) -> int:
+    """What a sealed record costs the outbox's byte budget."""
+    return len(sealed[2]) + 17 * len(sealed[3])
 
 
 _LENGTH = struct.Struct(">I")
@@ -91,7 +95,7 @@ class Flusher:
         self.clock = clock
         self.keyspace = settings.keyspace()
         self.meter = Meter()
-        self.inbox: ByteBoundedQueue[Exchange] = ByteBoundedQueue(settings.buffer_bytes)
+        self.inbox: ByteBoundedQueue[tuple[Any, ...]] = ByteBoundedQueue(settings.buffer_bytes)
         self.outbox: ByteBoundedQueue[Sealed] = ByteBoundedQueue(settings.buffer_bytes)
         self._given_journal = journal  # tests pass their own; else a FileJournal per writer
         self.journal: Journal = journal or NullJournal()
@@ -119,6 +123,7 @@ class Flusher:
         self._hour = 0  # the hour of the exchange being redacted (for address headers)
         self._address_cache: dict[tuple[str | None, tuple[bytes, ...]], object] = {}
         self._ident_cache: dict[bytes, bytes] = {}
+        self._data_keys_by_id: dict[bytes, DataKey] = {}  # of the records not yet sent
         self._counters: dict[int, Increments] = {}
         self._uniques: dict[str, set[bytes]] = {}  # "consumer:YYYY-MM-DD" -> daily pseudonyms
         self._uniques_day = -1
@@ -202,7 +207,9 @@ class Flusher:
         except OSError as exc:  # a full disk must not fail requests: go on without a journal
             self._journal_failed(exc)
         if self.records_on:
-            self.inbox.put(ex, min(ex.bytes_in, self.settings.body_limit) + _EXCHANGE_OVERHEAD)
+            self.inbox.put(
+                ex.captured(), min(ex.bytes_in, self.settings.body_limit) + _EXCHANGE_OVERHEAD
+            )
             if len(self.inbox) >= self.settings.batch_max_records:
                 self._wake.set()
 
@@ -311,7 +318,7 @@ class Flusher:
             return
         if redis is not None:
             await self._read_restrictions(redis)
-            seconds = {ex.start_ns // 1_000_000_000 for ex in exchanges}
+            seconds = {row[0] // 1_000_000_000 for row in exchanges}  # start_ns
             try:
                 for hour in {s // HOUR for s in seconds}:
                     await self.pseudonyms.prepare(hour, redis)
@@ -320,16 +327,16 @@ class Flusher:
             except (RedisError, OSError) as exc:
                 self._failed(exc)  # seal with local keys; they are published later
         yield_at = time.perf_counter_ns() + _SLICE_NS
-        for ex in exchanges:
+        for row in exchanges:
             try:
-                sealed = self._seal(ex)
+                sealed = self._seal(row)
             except Exception:  # one odd exchange must not cost the others their records
                 log.exception("meterwall: could not seal a record")
                 self._dropped_total += 1
                 continue
             if sealed is None:  # a restricted subject: counted, never recorded
                 continue
-            self.outbox.put(sealed, len(sealed.blob) + 17 * len(sealed.idents))
+            self.outbox.put(sealed, sealed_size(sealed))
             if time.perf_counter_ns() > yield_at:  # requests must not wait behind a backlog
                 await asyncio.sleep(0)
                 yield_at = time.perf_counter_ns() + _SLICE_NS
@@ -357,13 +364,13 @@ class Flusher:
             return True
         return ip16 is not None and self._restriction_names.of_ip16(ip16) in self._restricted
 
-    def _seal(self, ex: Exchange) -> Sealed | None:
-        scope = ex.scope
+    def _seal(self, row: tuple[Any, ...]) -> Sealed | None:
+        ex = Captured.from_row(row)
         time_s = ex.start_ns // 1_000_000_000
         self._hour = time_s // HOUR
-        client = scope.get("client")
+        client = ex.client
         peer = client[0] if client else None
-        address, ip16 = self._client_address(peer, scope.get("headers") or ())
+        address, ip16 = self._client_address(peer, ex.headers)
         pseudonyms = self.pseudonyms.epoch(self._hour).pseudonyms(ip16) if ip16 else None
         if ip16 is not None:
             self._count_unique(ex.consumer, time_s, ip16)
@@ -383,7 +390,8 @@ class Flusher:
         if ex.key_id:
             idents += (self._index_ident(TAG_KEY, ex.key_id),)
         shard = self.keyspace.shard_of(ex.consumer)
-        return Sealed(shard, self.keyspace.slice_start(time_s), blob, idents, key)
+        self._data_keys_by_id[key.key_id] = key
+        return (shard, self.keyspace.slice_start(time_s), blob, idents, key.key_id)
 
     def _client_address(self, peer: str | None, headers: Any) -> tuple[str | None, bytes | None]:
         """The client address and its canonical 16 bytes (None for none or garbage), cached by
@@ -482,7 +490,7 @@ class Flusher:
         self._uniques.clear()
         by_shard: dict[int, list[Sealed]] = {}
         for item in self.outbox.take(self.settings.batch_max_records):
-            by_shard.setdefault(item.shard, []).append(item)
+            by_shard.setdefault(item[0], []).append(item)
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
@@ -502,6 +510,7 @@ class Flusher:
             )
             self._pending[shard] = (self._seq, payload, len(records))
             batches[shard] = payload
+        self._forget_data_keys()
         try:
             self.journal.packed(self.writer, self._seq, batches, counters_due)
         except OSError as exc:
@@ -525,11 +534,16 @@ class Flusher:
 
     def _data_keys(self, records: Iterable[Sealed]) -> list[list[Any]]:
         """The wrapped data keys the records need; the script stores each once (SET NX)."""
-        keys = {r.key.key_id: r.key for r in records}
-        return [
-            [k.key_id.hex(), k.wrapped, (k.hour + 1) * HOUR + self._retention]
-            for k in keys.values()
-        ]
+        keys = [self._data_keys_by_id[key_id] for key_id in {r[4] for r in records}]
+        return [[k.key_id.hex(), k.wrapped, (k.hour + 1) * HOUR + self._retention] for k in keys]
+
+    def _forget_data_keys(self) -> None:
+        """Let go of the data keys no waiting record needs: a memory dump of an app server must
+        not open more than the records it still holds (the sealer keeps only the current key)."""
+        if len(self._data_keys_by_id) > 1:
+            used = {item[4] for item in self.outbox}
+            for key_id in [k for k in self._data_keys_by_id if k not in used]:
+                del self._data_keys_by_id[key_id]
 
     async def _send(self, redis: Redis) -> None:
         batches = {shard: payload for shard, (_, payload, _) in self._pending.items()}
@@ -699,14 +713,12 @@ def _record_groups(records: list[Sealed]) -> list[list[Any]]:
     """
     by_slice: dict[int, list[Sealed]] = {}
     for record in records:
-        by_slice.setdefault(record.slice_start, []).append(record)
+        by_slice.setdefault(record[1], []).append(record)
     groups = []
     pack_length, pack_position = _LENGTH.pack, _POSITION.pack
     for slice_start, items in by_slice.items():
-        blobs = b"".join([pack_length(len(r.blob)) + r.blob for r in items])
-        idents = b"".join(
-            [ident + pack_position(i) for i, r in enumerate(items) for ident in r.idents]
-        )
+        blobs = b"".join([pack_length(len(r[2])) + r[2] for r in items])
+        idents = b"".join([ident + pack_position(i) for i, r in enumerate(items) for ident in r[3]])
         groups.append([slice_start, len(items), blobs, idents])
     return groups
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import orjson
 
-from .capture import Exchange
+from .capture import Captured
 from .redaction import Redactor
 
 RECORD_VERSION = 1
 
 
 def build_record(
-    ex: Exchange,
+    ex: Captured,
     record_id: bytes,
     redactor: Redactor,
     client_ip: str | None,
@@ -30,8 +30,7 @@ def build_record(
 
     ``address_epoch``: see ``Redactor.header_pairs`` (the flusher passes its pseudonym hour).
     """
-    scope = ex.scope
-    headers = scope.get("headers") or []
+    headers = ex.headers
     content_type = None
     for name, value in headers:
         if name == b"content-type":
@@ -43,17 +42,17 @@ def build_record(
                   "prefix_pseudonym": pseudonyms[1].hex()}  # fmt: skip
     else:
         client = {"ip": client_ip, "pseudonym": "invalid" if client_ip else None}
-    server = scope.get("server")
+    server = ex.server
     record = {
         "v": RECORD_VERSION,
         "id": record_id.hex(),
         "time_ns": ex.start_ns,
-        "method": scope.get("method", ""),
+        "method": ex.method,
         "route": ex.route,
-        "path": scope.get("path", ""),
-        "query": redactor.query(scope.get("query_string", b"")),
-        "scheme": scope.get("scheme", "http"),
-        "http_version": scope.get("http_version", ""),
+        "path": ex.path,
+        "query": redactor.query(ex.query_string),
+        "scheme": ex.scheme,
+        "http_version": ex.http_version,
         "host": f"{server[0]}:{server[1]}" if server and server[1] is not None else None,
         "status": ex.status,
         "error": ex.error,
@@ -67,8 +66,6 @@ def build_record(
         "key_id": ex.key_id or None,
         "client": client,
         "headers": redactor.header_pairs(headers, address_epoch=address_epoch),
-        "body": redactor.body(
-            content_type, b"".join(ex.body), size=ex.bytes_in, truncated=ex.truncated
-        ),
+        "body": redactor.body(content_type, ex.body, size=ex.bytes_in, truncated=ex.truncated),
     }
     return orjson.dumps(record)

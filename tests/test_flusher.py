@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
 
-from meterwall import Meterwall, Settings
+from meterwall import FixedClock, Meterwall, Settings
 from meterwall.embedded import EmbeddedRedis
 from meterwall.reader import RecordReader
+from meterwall.sealing import HOUR_NS
 from meterwall.types import Message, Receive, Scope, Send
 from meterwall.usage import usage_totals
 from tests.helpers import this_hour
@@ -227,3 +229,26 @@ async def test_counts_are_exact_when_redis_restarts_with_aof_during_traffic(
             await client.aclose()
     finally:
         server.stop()
+
+
+async def test_an_earlier_hours_data_key_is_held_only_while_its_records_wait(
+    redis, settings, private_key
+) -> None:
+    """Records sealed before an hour changed still carry their key to Redis, and the process
+    then forgets it: a memory dump opens no more than the records it still holds."""
+    clock = FixedClock(time.time_ns() // HOUR_NS * HOUR_NS + HOUR_NS - 1_000_000_000)
+    mw = Meterwall(ok_app, settings=settings, clock=clock)
+    for _ in range(2):  # one exchange in the last second of an hour, one in the next hour
+        await mw(http_scope(), body_receive(), _discard)
+        await mw.flusher._seal_inbox(None)  # sealed, not yet sent (as while Redis is away)
+        clock.advance(2)
+    held = set(mw.flusher._data_keys_by_id)
+    assert len(held) == 2  # the sealer made a new key for the new hour; both are still needed
+    assert await mw.flusher.flush()
+    assert set(mw.flusher._data_keys_by_id).isdisjoint(held)  # nothing waits for them any more
+    assert await RecordReader(redis, settings, private_key, clock=clock).count() == 2
+    records = await RecordReader(redis, settings, private_key, clock=clock).records()
+    assert sorted(r["time_ns"] // HOUR_NS for r in records) == sorted(
+        {clock.now_ns() // HOUR_NS - 1, clock.now_ns() // HOUR_NS}
+    )  # both opened with the private key
+    await mw.aclose()
