@@ -116,15 +116,19 @@ class FileJournal:
         self._opened_at = 0.0
         self._top = 0  # the highest batch number this writer packed
         # Batches still needed, by (seq, shard): (payload, acknowledged at or 0, the segment
-        # holding its latest copy).
+        # holding its latest copy). An acknowledged batch's payload is dropped from memory (ten
+        # seconds of sealed records are tens of megabytes under load): ``recent`` reads it back.
         self._batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
         # The encoded parts of a delta entry around its numbers, by its text fields.
         self._delta_parts: dict[tuple[str, ...], tuple[bytes, bytes, bytes]] = {}
         self._open_segment()
 
+    def _path(self, segment: int) -> Path:
+        return self.directory / f"{self.writer}.{segment:08d}.seg"
+
     def _open_segment(self) -> None:
         self._segment += 1
-        path = self.directory / f"{self.writer}.{self._segment:08d}.seg"
+        path = self._path(self._segment)
         self._fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
         self._opened_at = time.monotonic()
 
@@ -168,13 +172,25 @@ class FileJournal:
     def applied(self, writer: str, shard: int, seq: int) -> None:
         known = self._batches.get((seq, shard))
         if known is not None:
-            self._batches[(seq, shard)] = (known[0], time.monotonic(), known[2])
+            self._batches[(seq, shard)] = (b"", time.monotonic(), known[2])
         self._write((APPLIED, [seq, shard]))
 
     def recent(self) -> list[tuple[int, bytes]]:
+        """Read back from the segments that hold them (kept until ``KEEP_S`` has passed)."""
         now = time.monotonic()
-        return [(shard, payload) for (_, shard), (payload, at, _) in sorted(self._batches.items())
-                if at and now - at < KEEP_S]  # fmt: skip
+        wanted = {key: home for key, (_, at, home) in self._batches.items()
+                  if at and now - at < KEEP_S}  # fmt: skip
+        found: dict[tuple[int, int], bytes] = {}
+        for home in sorted(set(wanted.values())):
+            try:
+                data = self._path(home).read_bytes()
+            except OSError as exc:  # a segment removed by hand: what it held cannot be re-sent
+                log.warning("meterwall: journal segment %d unreadable: %s", home, exc)
+                continue
+            for kind, body in _entries(data):
+                if kind == BATCH and wanted.get((body[0], body[1])) == home:
+                    found[(body[0], body[1])] = body[2]
+        return [(shard, found[(seq, shard)]) for seq, shard in sorted(found)]
 
     def compact(self, pending_deltas: Deltas) -> None:
         """A new segment with the unpacked deltas and the unacknowledged batches; old ones go.
