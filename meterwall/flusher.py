@@ -150,7 +150,8 @@ class Flusher:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing = False
-        self._shards_checked = False
+        self._shards_checked = False  # the run id: after every failure
+        self._server_known = False  # the shard count and eviction policy: once, and on restart
         self._next_server_check = 0.0
         self.misconfigured: str | None = None
         self.eviction_warning: str | None = None
@@ -165,6 +166,8 @@ class Flusher:
         self._pid = os.getpid()
         self.writer = os.urandom(8).hex()
         self._seq = 0
+        # (seq, shard, batch) a restarted Redis may have lost: sent again before anything newer.
+        self._resend: list[tuple[int, int, bytes]] = []
         # Record ids: a random per-writer prefix and a counter (unique without a syscall each).
         self._record_ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
 
@@ -261,6 +264,8 @@ class Flusher:
             # while we were idle (redis-py reconnects silently) may have lost epoch keys.
             if not self._shards_checked or time.monotonic() > self._next_server_check:
                 await self._check_server(redis)
+            if self._resend:
+                await self._resend_lost(redis)
             if self.records_on:
                 for hour in self.pseudonyms.unpublished_hours():
                     await self.pseudonyms.prepare(hour, redis)
@@ -292,7 +297,11 @@ class Flusher:
         return not self._pending
 
     async def _check_server(self, redis: Redis) -> None:
-        if not self._shards_checked:
+        """The run id first (one round trip, after every failure); the shard count and the
+        eviction policy on first contact and after a restart."""
+        run_id = await server_run_id(redis)
+        restarted = bool(self._run_id) and run_id != self._run_id
+        if not self._server_known or restarted:
             await check_shards(redis, self.keyspace)
             policy = await eviction_policy(redis)
             if policy not in (None, "noeviction") and self.eviction_warning is None:
@@ -302,12 +311,15 @@ class Flusher:
                 log.error(
                     "meterwall: Redis %s: counts may be lost or doubled", self.eviction_warning
                 )
-        run_id = await server_run_id(redis)
-        if self._run_id and run_id != self._run_id:
+            self._server_known = True
+        if restarted:
             if self.records_on:
                 self.pseudonyms.republish()  # a restarted Redis may have lost them
                 self.daily_keys.republish()
-            await self._resend_recent(redis)
+            queued = {(seq, shard) for seq, shard, _ in self._resend}
+            self._resend += [b for b in self.journal.recent() if (b[0], b[1]) not in queued]
+            self._resend.sort(key=lambda b: (b[0], b[1]))
+        self.journal.release_recent()
         self._run_id = run_id
         self._shards_checked = True
         self._next_server_check = time.monotonic() + _SERVER_CHECK_EVERY
@@ -619,12 +631,30 @@ class Flusher:
         elif isinstance(reply, Exception):
             raise reply
 
-    async def _resend_recent(self, redis: Redis) -> None:
-        """Redis restarted: what it acknowledged in the last seconds may be gone; send again."""
-        for shard, payload in self.journal.recent():
-            await self._apply_one(redis, shard, payload)
+    async def _resend_lost(self, redis: Redis) -> None:
+        """Redis restarted: what it acknowledged in the last seconds may be gone; send it again,
+        in batch order and before any newer batch of ours (whose number would raise the
+        high-water mark past them). Each batch leaves the queue once Redis has it: starting
+        over after every failure never finished on a lossy link, and counts were lost."""
+        while self._resend:  # rounds of one round trip: the oldest batch of each shard
+            first: dict[int, tuple[int, bytes]] = {}
+            for seq, shard, payload in self._resend:
+                first.setdefault(shard, (seq, payload))
+            results = await apply_batches(
+                redis, self.keyspace, {shard: payload for shard, (_, payload) in first.items()}
+            )
+            for shard, reply in results.items():
+                if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
+                    log.error("meterwall: shard %d refused a re-sent batch: %s", shard, reply)
+                    self.batches_refused += 1
+                elif isinstance(reply, Exception):
+                    raise reply
+                seq = first[shard][0]
+                self._resend.remove((seq, shard, first[shard][1]))
+                self.journal.applied(self.writer, shard, seq)  # acknowledged again: a new window
 
     def _failed(self, exc: BaseException) -> None:
+        self.journal.hold_recent()  # a restart is found out only once Redis answers again
         self._failures += 1
         self._shards_checked = False  # look at the server again when it answers
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -643,7 +673,7 @@ class Flusher:
     def idle(self) -> bool:
         return not (
             self.inbox or self.outbox or self._pending or self.meter or self._counters
-            or self._uniques
+            or self._uniques or self._resend
         )  # fmt: skip
 
     async def flush(self, timeout: float = 5.0) -> bool:
@@ -697,7 +727,7 @@ class Flusher:
             + len(self.outbox)
             + sum(n for _, _, n in self._pending.values()),
             "queued_bytes": self.inbox.bytes + self.outbox.bytes,
-            "pending_batches": len(self._pending),
+            "pending_batches": len(self._pending) + len(self._resend),
             "records_dropped": self._dropped_total + self.inbox.dropped + self.outbox.dropped,
             "batches_refused": self.batches_refused,
             "last_error": self.last_error,

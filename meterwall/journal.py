@@ -61,8 +61,16 @@ class Journal(Protocol):
     def applied(self, writer: str, shard: int, seq: int) -> None:
         """Redis answered applied (or duplicate, which means an earlier attempt landed)."""
 
-    def recent(self) -> list[tuple[int, bytes]]:
-        """(shard, batch) acknowledged within ``KEEP_S``: to send again after a Redis restart."""
+    def recent(self) -> list[tuple[int, int, bytes]]:
+        """(seq, shard, batch) acknowledged within ``KEEP_S``: to send again after a Redis
+        restart, in batch order."""
+
+    def hold_recent(self) -> None:
+        """Contact with Redis is lost: keep what ``recent`` would answer now until released
+        (finding out whether Redis restarted may take longer than ``KEEP_S``)."""
+
+    def release_recent(self) -> None:
+        """Redis answered again and its run id was checked: the usual window applies again."""
 
     def compact(self, pending_deltas: Deltas) -> None:
         """Maybe start a new segment holding only what is still needed."""
@@ -85,8 +93,14 @@ class NullJournal:
     def applied(self, writer: str, shard: int, seq: int) -> None:
         return None
 
-    def recent(self) -> list[tuple[int, bytes]]:
+    def recent(self) -> list[tuple[int, int, bytes]]:
         return []
+
+    def hold_recent(self) -> None:
+        return None
+
+    def release_recent(self) -> None:
+        return None
 
     def compact(self, pending_deltas: Deltas) -> None:
         return None
@@ -121,6 +135,7 @@ class FileJournal:
         self._batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
         # The encoded parts of a delta entry around its numbers, by its text fields.
         self._delta_parts: dict[tuple[str, ...], tuple[bytes, bytes, bytes]] = {}
+        self._held_since: float | None = None  # acknowledged after this: kept (hold_recent)
         self._open_segment()
 
     def _path(self, segment: int) -> Path:
@@ -175,11 +190,10 @@ class FileJournal:
             self._batches[(seq, shard)] = (b"", time.monotonic(), known[2])
         self._write((APPLIED, [seq, shard]))
 
-    def recent(self) -> list[tuple[int, bytes]]:
+    def recent(self) -> list[tuple[int, int, bytes]]:
         """Read back from the segments that hold them (kept until ``KEEP_S`` has passed)."""
-        now = time.monotonic()
         wanted = {key: home for key, (_, at, home) in self._batches.items()
-                  if at and now - at < KEEP_S}  # fmt: skip
+                  if self._keeps(at)}  # fmt: skip
         found: dict[tuple[int, int], bytes] = {}
         for home in sorted(set(wanted.values())):
             try:
@@ -190,7 +204,22 @@ class FileJournal:
             for kind, body in _entries(data):
                 if kind == BATCH and wanted.get((body[0], body[1])) == home:
                     found[(body[0], body[1])] = body[2]
-        return [(shard, found[(seq, shard)]) for seq, shard in sorted(found)]
+        return [(seq, shard, found[(seq, shard)]) for seq, shard in sorted(found)]
+
+    def _keeps(self, acknowledged_at: float) -> bool:
+        """An acknowledged batch a restarted Redis may have lost (0: not acknowledged)."""
+        if not acknowledged_at:
+            return False
+        held = self._held_since
+        since = time.monotonic() if held is None else held
+        return since - acknowledged_at < KEEP_S or acknowledged_at > since
+
+    def hold_recent(self) -> None:
+        if self._held_since is None:
+            self._held_since = time.monotonic()
+
+    def release_recent(self) -> None:
+        self._held_since = None
 
     def compact(self, pending_deltas: Deltas) -> None:
         """A new segment with the unpacked deltas and the unacknowledged batches; old ones go.
@@ -216,7 +245,7 @@ class FileJournal:
             if not acked:
                 entries.append((BATCH, [seq, shard, payload]))
                 batches[(seq, shard)] = (payload, acked, self._segment)
-            elif now - acked < KEEP_S:
+            elif self._keeps(acked):
                 batches[(seq, shard)] = (payload, acked, home)
                 kept.add(home)
         self._batches = batches

@@ -18,6 +18,11 @@ async def hello(request: Request) -> JSONResponse:
     return JSONResponse({"path": request.url.path})
 
 
-routes = [Route("/echo/{n:int}", echo, methods=["POST"])]
+async def writer(request: Request) -> JSONResponse:
+    """This process's journal writer id: a test that kills workers reads their journals."""
+    return JSONResponse({"writer": app.flusher.writer})
+
+
+routes = [Route("/echo/{n:int}", echo, methods=["POST"]), Route("/writer", writer)]
 routes += [Route(f"/{name}", hello) for name in ("a", "b", "c", "d")]
 app = Meterwall(Starlette(routes=routes))

@@ -102,7 +102,7 @@ def test_compaction_leaves_acknowledged_batches_in_their_segment(tmp_path: Path)
     assert b"acknowledged" not in (tmp_path / "w5.00000002.seg").read_bytes()
     held = [payload for payload, _, _ in journal._batches.values()]
     assert held == [b"", b"in flight"]  # an acknowledged batch is not kept in memory...
-    assert journal.recent() == [(0, b"acknowledged")]  # ...but read back from its segment
+    assert journal.recent() == [(1, 0, b"acknowledged")]  # ...but read back from its segment
     journal.delta(ROW)
     journal.close(clean=False)
     [orphan] = list(orphans(tmp_path, "live"))
