@@ -71,6 +71,7 @@ class Meterwall:
         self.flusher = Flusher(self.settings, clock, journal, self.plugins.redactors)
         header = self.settings.consumer_header
         self._consumer_header = header.lower().encode() if header else None
+        self._consumers: dict[bytes, str] = {}  # header value -> consumer id
         self._body_limit = self.settings.body_limit
         self.access = _access_control(self.settings, self.flusher, clock, self.plugins)
         if self.plugins.names:
@@ -167,8 +168,14 @@ class Meterwall:
     def _consumer(self, scope: Scope) -> str:
         for name, value in scope.get("headers") or ():
             if name == self._consumer_header:
-                text: str = value.decode("latin-1").strip()
-                return text[:128] if text.isprintable() else ""
+                consumer = self._consumers.get(value)  # a few consumers send most requests
+                if consumer is None:
+                    text: str = value.decode("latin-1").strip()
+                    consumer = text[:128] if text.isprintable() else ""
+                    if len(self._consumers) >= 4096:  # the values come from clients
+                        self._consumers.clear()
+                    self._consumers[value] = consumer
+                return consumer
         return ""
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
