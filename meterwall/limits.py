@@ -50,6 +50,9 @@ LEASE_SHA = hashlib.sha1(LEASE_SCRIPT, usedforsecurity=False).hexdigest()
 
 PLAN_SYNTAX = "free: 10/s burst 20, 10000 requests/month; pro: 100/s, 1000000 units/month"
 RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
+# Rate tokens are renewed in the background this long before they lapse, however many are held:
+# a request that finds them lapsed waits a Redis round trip (once a second per consumer).
+RENEW_AHEAD_NS = int(RATE_LEASE_S * 1e9 / 2)
 QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
 RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
 FIRST_LEASE, MAX_LEASE, SHARE = 8, 1024, 4
@@ -323,9 +326,10 @@ class Limiter:
                 if not left:
                     break
         held = tokens.quota_held(now) if plan.quota else 0
-        low = (plan.rate and tokens.rate * 2 < tokens.want) or (
-            plan.quota and held * 2 < tokens.want
-        )
+        low = (
+            plan.rate
+            and (tokens.rate * 2 < tokens.want or now >= tokens.rate_deadline_ns - RENEW_AHEAD_NS)
+        ) or (plan.quota and held * 2 < tokens.want)
         if low and tokens.pending is None and now >= tokens.blocked_until_ns:
             tokens.pending = asyncio.get_running_loop().create_task(
                 self._lease(tokens, consumer, 0)
@@ -355,6 +359,10 @@ class Limiter:
         rate_want = quota_want = 0
         if plan.rate and not closing and (tokens.rate < 1 or tokens.rate * 2 < tokens.want):
             rate_want = tokens.want
+        elif plan.rate and not closing and now >= tokens.rate_deadline_ns - RENEW_AHEAD_NS:
+            # Renewed ahead: topped up to one lease, and the tokens held live another period
+            # (held tokens stay within one lease, as before: other workers are not starved).
+            rate_want = max(1, tokens.want - tokens.rate)
         held = tokens.quota_held(now)
         if plan.quota and not closing and (held < cost or held * 2 < tokens.want):
             quota_want = max(tokens.want, cost - held)
