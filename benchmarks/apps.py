@@ -7,9 +7,10 @@ Settings come from the environment: ``MW_*`` for meterwall (``Settings.from_env(
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -17,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from meterwall import Meterwall, Settings
@@ -136,6 +137,50 @@ def rate_limited() -> ASGIApp:
     """Variant 6b."""
     strategy = os.environ.get("BENCH_LIMITER", "fixed-window")
     return RateLimit(bare(), os.environ["BENCH_REDIS_URL"], strategy)
+
+
+SSE_EVERY_S = 0.1  # an event every 100 ms after the first, which goes out at once
+CHUNK = bytes(64 * 1024)
+
+
+async def events(request: Request) -> StreamingResponse:
+    """``GET /sse``: Server-Sent Events, the first at once, then one every 100 ms, forever
+    (the client hangs up)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        n = 0
+        while True:
+            yield f'id: {n}\ndata: {{"n": {n}}}\n\n'.encode()
+            n += 1
+            await asyncio.sleep(SSE_EVERY_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def download(request: Request) -> StreamingResponse:
+    """``GET /download?bytes=N``: N bytes (default 1 GiB) in 64 KiB chunks, streamed with a
+    ``Content-Length`` like a file; nothing is held but the one chunk."""
+    size = int(request.query_params.get("bytes", str(1 << 30)))
+
+    async def stream() -> AsyncIterator[bytes]:
+        left = size
+        while left > 0:
+            yield CHUNK if left >= len(CHUNK) else CHUNK[:left]
+            left -= len(CHUNK)
+
+    headers = {"content-length": str(size)}
+    return StreamingResponse(stream(), media_type="application/octet-stream", headers=headers)
+
+
+def streaming() -> ASGIApp:
+    """The app plus two streamed answers, ``GET /sse`` and ``GET /download``
+    (benchmarks/reliability.py)."""
+    return Starlette(routes=[*_routes(), Route("/sse", events), Route("/download", download)])
+
+
+def streaming_with_meterwall() -> ASGIApp:
+    """``streaming`` with meterwall configured by the ``MW_*`` variables."""
+    return Meterwall(streaming(), settings=Settings.from_env())
 
 
 def profiled() -> ASGIApp:

@@ -8,6 +8,7 @@ import contextlib
 import random
 import socket
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,10 @@ class Faults:
     half_open: float = 0.0  # nothing moves any more, the connection stays open (a dead peer)
     delay: float = 0.0  # the chunk waits ``delay_s`` before it is forwarded
     delay_s: float = 0.05
+    # Every reply chunk reaches the client this long after Redis sent it, in order: a slow link
+    # or a slow Redis. Unlike ``delay`` (the request pump sleeps, one chunk after the other), it
+    # adds latency without capping throughput: chunks wait side by side in a delay line.
+    reply_delay_s: float = 0.0
     seed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -103,12 +108,39 @@ class FaultProxy:
     async def _replies(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        link: dict[str, Any]) -> None:  # fmt: skip
         with contextlib.suppress(ConnectionError, OSError):
-            while data := await src.read(65536):
+            async for data in self._arrivals(src):
                 if link["swallow"] or link["frozen"]:
                     continue
                 dst.write(data)
                 await dst.drain()
         dst.close()
+
+    async def _arrivals(self, src: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """The reply chunks, each ``reply_delay_s`` after it arrived (at once when 0)."""
+        hold = self.faults.reply_delay_s
+        if hold <= 0:
+            while data := await src.read(65536):
+                yield data
+            return
+        loop = asyncio.get_running_loop()
+        line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def receive() -> None:
+            try:
+                with contextlib.suppress(ConnectionError, OSError):
+                    while data := await src.read(65536):
+                        line.put_nowait((loop.time() + hold, data))
+            finally:
+                line.put_nowait((loop.time() + hold, b""))  # the end, held like the data
+
+        reader = asyncio.create_task(receive())
+        self._tasks.add(reader)
+        while True:
+            due, data = await line.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not data:
+                return
+            yield data
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
