@@ -42,6 +42,9 @@ CACHE_SECONDS = 30.0
 REGISTRY_SECONDS = 10.0
 Networks = tuple[IPv4Network | IPv6Network, ...]
 NEGATIVE_CACHE_SECONDS = 5.0
+# A cached key still in use is looked up again in the background this long before its entry
+# lapses: a request that found it lapsed would wait for Redis (a slow Redis's whole delay).
+REFRESH_AHEAD_SECONDS = 5.0
 _CACHE_LIMIT = 65536
 _SEGMENT = re.compile(r"\{[^/{}]+\}")
 TYPES = "https://meterwall.dev/problems/"
@@ -131,6 +134,9 @@ class AccessControl:
         self._used: dict[str, int] = {}  # key id -> minute of its last 'last used' write
         self._background: set[asyncio.Task[Any]] = set()
         self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}
+        self._refreshing: set[bytes] = set()  # digests being looked up again in the background
+        self._lookups: dict[bytes, asyncio.Future[Any]] = {}  # digest -> its lookup in Redis
+        self._forgotten = 0  # invalidations so far: a lookup that raced one is not cached
         self._redis: Any = None
         self._listener_client: Any = None
         self._listener: asyncio.Task[None] | None = None
@@ -182,12 +188,9 @@ class AccessControl:
             key = cached[1]  # known, but not valid now (unknown, expired or revoked)
             state = "unknown" if key is None else key.state(now)
         else:
-            store = KeyStore(self._redis, self._keyspace, self._server_key)
             try:
                 # shielded: a request cancelled by its client must not cut a command in half
-                key, state = await asyncio.shield(
-                    asyncio.ensure_future(store.verify(presented, now))
-                )
+                key, state = await asyncio.shield(self._lookup(presented, digest, now))
             except Exception as exc:  # any store failure: the failure policy decides
                 self._down_until = time.monotonic() + 5
                 log.warning("meterwall: access check could not reach Redis: %s", exc)
@@ -239,6 +242,8 @@ class AccessControl:
                 key, answer, stale = await self._verify(presented, digest, cached)
                 if answer is not None:
                     return answer
+            elif cached[0] - time.monotonic() < REFRESH_AHEAD_SECONDS:  # type: ignore[index]
+                self._refresh_ahead(presented, digest)
         assert key is not None
         now = time.time()
         if key.cidrs and not self._network_ok(address, key.cidrs):
@@ -378,10 +383,45 @@ class AccessControl:
             except asyncio.CancelledError:
                 raise
             except Exception:  # reconnect after any error, and start clean
+                self._forgotten += 1
                 self._cache.clear()
                 await asyncio.sleep(1)
 
+    def _lookup(self, presented: str, digest: bytes, now: int) -> asyncio.Future[Any]:
+        """One lookup in Redis per key at a time: the requests that find the same key missing
+        from the cache (a burst after an idle spell) wait for the same answer."""
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            store = KeyStore(self._redis, self._keyspace, self._server_key)
+            lookup = asyncio.ensure_future(store.verify(presented, now))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        return lookup
+
+    def _refresh_ahead(self, presented: str, digest: bytes) -> None:
+        """Look a key in use up again before its cache entry lapses, in the background."""
+        if digest in self._refreshing or self._redis is None:
+            return
+        self._refreshing.add(digest)
+        task = asyncio.get_running_loop().create_task(
+            self._look_up_again(presented, digest, self._forgotten)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _look_up_again(self, presented: str, digest: bytes, forgotten: int) -> None:
+        try:
+            store = KeyStore(self._redis, self._keyspace, self._server_key)
+            key, state = await store.verify(presented, int(time.time()))
+        except Exception:  # the entry lapses as it would have; the failure policy applies then
+            return
+        finally:
+            self._refreshing.discard(digest)
+        if state != "malformed" and forgotten == self._forgotten:
+            self._remember(digest, key, state)  # (a revocation meanwhile: the next request asks)
+
     def forget(self, key_id: str) -> None:
+        self._forgotten += 1
         for digest in [d for d, (_, k) in self._cache.items() if k is not None and k.id == key_id]:
             del self._cache[digest]
 

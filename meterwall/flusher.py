@@ -256,6 +256,7 @@ class Flusher:
         if self.records_on:
             await self._seal_inbox(None if backing_off else redis)
         if backing_off:
+            self._compact_journal()
             return False
         if self.misconfigured is not None:
             return False
@@ -280,12 +281,10 @@ class Flusher:
             if self._pending:
                 await self._send(redis)
             await asyncio.sleep(0)
-            try:
-                self.journal.compact(self.meter.peek())
-            except OSError as exc:
-                self._journal_failed(exc)
+            self._compact_journal()
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            self._compact_journal()
             return False
         except ConfigurationError as exc:  # e.g. another shard count: no write can be right
             self.misconfigured = str(exc)
@@ -295,6 +294,15 @@ class Flusher:
         self.last_error = None
         self.last_flush_ok = time.time()
         return not self._pending
+
+    def _compact_journal(self) -> None:
+        """Let the journal start a new segment with only what is still needed (it does so at
+        most every few seconds), whether Redis answered or not: an outage must not grow it by
+        a row per request."""
+        try:
+            self.journal.compact(self.meter.peek())
+        except OSError as exc:
+            self._journal_failed(exc)
 
     async def _check_server(self, redis: Redis) -> None:
         """The run id first (one round trip, after every failure); the shard count and the

@@ -53,6 +53,7 @@ RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
 # Rate tokens are renewed in the background this long before they lapse, however many are held:
 # a request that finds them lapsed waits a Redis round trip (once a second per consumer).
 RENEW_AHEAD_NS = int(RATE_LEASE_S * 1e9 / 2)
+QUOTA_RENEW_AHEAD_NS = 2_000_000_000  # the same for quota leases, which live QUOTA_LEASE_S
 QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
 RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
 FIRST_LEASE, MAX_LEASE, SHARE = 8, 1024, 4
@@ -220,6 +221,12 @@ class _Tokens:
         self.header_key: tuple[int, int, str] | None = None
         self.header_cache: tuple[tuple[bytes, bytes], ...] = ()
 
+    def quota_lapsing(self, now_ns: int) -> bool:
+        """The leases holding tokens all lapse soon: time for a new one."""
+        soon = now_ns + QUOTA_RENEW_AHEAD_NS
+        live = [lease.deadline_ns for lease in self.leases if lease.left(now_ns)]
+        return bool(live) and max(live) <= soon
+
     def quota_held(self, now_ns: int) -> int:
         held = self.credit
         for lease in self.leases:
@@ -329,7 +336,7 @@ class Limiter:
         low = (
             plan.rate
             and (tokens.rate * 2 < tokens.want or now >= tokens.rate_deadline_ns - RENEW_AHEAD_NS)
-        ) or (plan.quota and held * 2 < tokens.want)
+        ) or (plan.quota and (held * 2 < tokens.want or tokens.quota_lapsing(now)))
         if low and tokens.pending is None and now >= tokens.blocked_until_ns:
             tokens.pending = asyncio.get_running_loop().create_task(
                 self._lease(tokens, consumer, 0)
@@ -366,6 +373,8 @@ class Limiter:
         held = tokens.quota_held(now)
         if plan.quota and not closing and (held < cost or held * 2 < tokens.want):
             quota_want = max(tokens.want, cost - held)
+        elif plan.quota and not closing and tokens.quota_lapsing(now):
+            quota_want = max(1, tokens.want - held)  # renewed ahead, topped up to one lease
         settle: list[Any] = []
         finals = []
         for lease in tokens.leases:

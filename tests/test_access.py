@@ -14,6 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from meterwall import Meterwall
+from meterwall.access import CACHE_SECONDS
 from meterwall.apikeys import KeyStore, new_key, parse_key
 from meterwall.embedded import EmbeddedRedis
 from meterwall.errors import ConfigurationError
@@ -312,3 +313,31 @@ async def test_network_rules_see_the_client_behind_a_trusted_proxy(redis, access
         assert await status("10.1.1.1", "203.0.113.5") == 200  # the proxy's client is allowed
         assert await status("10.1.1.1", "198.51.100.1") == 403
         assert await status("198.51.100.1", "203.0.113.5") == 403  # an untrusted peer's header
+
+
+async def test_a_key_in_use_is_looked_up_again_before_its_cache_entry_lapses(
+    redis, access_settings
+) -> None:
+    """A request never waits for Redis because a busy key's cache entry lapsed: within
+    REFRESH_AHEAD_SECONDS of the end, the key is looked up again in the background. A lookup
+    that races a revocation is not cached."""
+    _, full = await make_key(redis, access_settings)
+    app = Meterwall(api_app, settings=access_settings)
+    headers = {"Authorization": f"Bearer {full}"}
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            assert (await client.get("/items/1", headers=headers)).status_code == 200
+            access = app.access
+            assert access is not None
+            [(digest, (_, key))] = access._cache.items()
+            access._cache[digest] = (time.monotonic() + 1.0, key)  # about to lapse
+            assert (await client.get("/items/1", headers=headers)).status_code == 200
+            assert access._refreshing == {digest}  # looked up again, in the background
+            await asyncio.gather(*access._background)
+            assert access._cache[digest][0] > time.monotonic() + CACHE_SECONDS - 5  # renewed
+            access._cache[digest] = (time.monotonic() + 1.0, key)
+            access._refresh_ahead(full, digest)
+            access.forget("some other key")  # an invalidation while the lookup is in flight
+            await asyncio.gather(*access._background)
+            assert access._cache[digest][0] < time.monotonic() + 2  # not renewed by that lookup

@@ -255,16 +255,6 @@ async def test_rate_tokens_are_renewed_before_they_lapse_so_no_request_waits(
                       clock=clock)  # fmt: skip
     limiter.bind(redis)
 
-    def at_once(verdict_of: Any) -> Any:
-        """The verdict, if ``admit`` answered without suspending (no Redis round trip)."""
-        coro = verdict_of
-        try:
-            coro.send(None)
-        except StopIteration as done:
-            return done.value
-        coro.close()
-        raise AssertionError("the request waited for Redis")
-
     assert not (await limiter.admit("acme", "", "/x")).reason  # the first lease is awaited
     for _ in range(10):  # 3 s of traffic in steps of 0.3 s, past three lease periods
         clock.advance(0.3)
@@ -273,3 +263,34 @@ async def test_rate_tokens_are_renewed_before_they_lapse_so_no_request_waits(
         if tokens.pending is not None:
             await tokens.pending  # the renewal, in the background
     assert limiter.lease_calls >= 4  # renewed about every half second
+
+
+async def test_quota_leases_are_renewed_before_they_lapse_so_no_request_waits(
+    redis, settings
+) -> None:
+    """The same for quota leases (they live QUOTA_LEASE_S): renewed ahead, topped up."""
+    own = limited(settings, "monthly: 1000000 requests/month", default_plan="monthly")
+    clock = FixedClock(T0)
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
+                      clock=clock)  # fmt: skip
+    limiter.bind(redis)
+    assert not (await limiter.admit("acme", "", "/x")).reason  # the first lease is awaited
+    for _ in range(30):  # 45 s of traffic, past four lease periods
+        clock.advance(1.5)
+        assert not at_once(limiter.admit("acme", "", "/x")).reason
+        tokens = limiter._tokens["acme"]
+        if tokens.pending is not None:
+            await tokens.pending
+    quota = month_quota(own, "acme", datetime.fromtimestamp(T0 / 1e9, UTC).strftime("%Y-%m"))
+    leases = [f for f in await redis.hkeys(quota) if f.startswith(b"l:")]
+    assert 1 <= len(leases) <= 2  # lapsed leases were settled, not piled up
+
+
+def at_once(admitting: Any) -> Any:
+    """The verdict, if ``admit`` answered without suspending (no Redis round trip)."""
+    try:
+        admitting.send(None)
+    except StopIteration as done:
+        return done.value
+    admitting.close()
+    raise AssertionError("the request waited for Redis")
