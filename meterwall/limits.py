@@ -361,7 +361,10 @@ class Limiter:
         if now - tokens.last_call_ns < RATE_LEASE_S * 1e9 / 2:
             tokens.want = min(MAX_LEASE, tokens.want * 2)  # busy: lease more per call
         elif now - tokens.last_call_ns > 4 * RATE_LEASE_S * 1e9:
-            tokens.want = FIRST_LEASE
+            # Idle: halved per 4 s of it rather than started again from the first size, so a
+            # consumer coming back at its old pace waits for one lease, not one per doubling.
+            idle_periods = int((now - tokens.last_call_ns) / (4 * RATE_LEASE_S * 1e9))
+            tokens.want = max(FIRST_LEASE, tokens.want >> min(idle_periods, 16))
         tokens.last_call_ns = now
         rate_want = quota_want = 0
         if plan.rate and not closing and (tokens.rate < 1 or tokens.rate * 2 < tokens.want):

@@ -294,3 +294,24 @@ def at_once(admitting: Any) -> Any:
         return done.value
     admitting.close()
     raise AssertionError("the request waited for Redis")
+
+
+async def test_after_an_idle_spell_the_lease_size_is_halved_not_started_again(
+    redis, settings
+) -> None:
+    """A consumer back at its old pace after a pause waits for one lease, not for one per
+    doubling from the first size (six round trips behind a slow Redis)."""
+    own = limited(settings, "busy: 100000/s burst 100000", default_plan="busy")
+    clock = FixedClock(T0)
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
+                      clock=clock)  # fmt: skip
+    limiter.bind(redis)
+    for _ in range(2000):  # 2 s at 1,000 requests/s: the lease size doubles up
+        assert not (await limiter.admit("acme", "", "/x")).reason
+        clock.advance(0.001)
+    tokens = limiter._tokens["acme"]
+    busy = tokens.want
+    assert busy >= 256
+    clock.advance(9)  # two idle periods of 4 s
+    assert not (await limiter.admit("acme", "", "/x")).reason
+    assert tokens.want == busy // 4
