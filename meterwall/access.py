@@ -135,7 +135,8 @@ class AccessControl:
         self._background: set[asyncio.Task[Any]] = set()
         self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}
         self._refreshing: set[bytes] = set()  # digests being looked up again in the background
-        self._lookups: dict[bytes, asyncio.Future[Any]] = {}  # digest -> its lookup in Redis
+        # digest -> its lookup in Redis and the invalidation count when it started
+        self._lookups: dict[bytes, tuple[asyncio.Future[Any], int]] = {}
         self._forgotten = 0  # invalidations so far: a lookup that raced one is not cached
         self._redis: Any = None
         self._listener_client: Any = None
@@ -190,7 +191,8 @@ class AccessControl:
         else:
             try:
                 # shielded: a request cancelled by its client must not cut a command in half
-                key, state = await asyncio.shield(self._lookup(presented, digest, now))
+                lookup, started = self._lookup(presented, digest, now)
+                key, state = await asyncio.shield(lookup)
             except Exception as exc:  # any store failure: the failure policy decides
                 self._down_until = time.monotonic() + 5
                 log.warning("meterwall: access check could not reach Redis: %s", exc)
@@ -201,7 +203,7 @@ class AccessControl:
                     self.degraded_decisions += 1
                     return None, Decision(503, "store-unavailable", degraded=True), False
             else:
-                if state != "malformed":
+                if state != "malformed" and started == self._forgotten:  # no race with a revocation
                     self._remember(digest, key, state)
         if key is None:
             reason = "malformed" if state == "malformed" else "invalid-key"
@@ -384,19 +386,25 @@ class AccessControl:
                 raise
             except Exception:  # reconnect after any error, and start clean
                 self._forgotten += 1
+                self._lookups.clear()
                 self._cache.clear()
                 await asyncio.sleep(1)
 
-    def _lookup(self, presented: str, digest: bytes, now: int) -> asyncio.Future[Any]:
+    def _lookup(self, presented: str, digest: bytes, now: int) -> tuple[asyncio.Future[Any], int]:
         """One lookup in Redis per key at a time: the requests that find the same key missing
-        from the cache (a burst after an idle spell) wait for the same answer."""
-        lookup = self._lookups.get(digest)
-        if lookup is None:
+        from the cache (a burst after an idle spell) wait for the same answer. Returns it and
+        the invalidation count when it started (``forget`` starts the next one afresh)."""
+        found = self._lookups.get(digest)
+        if found is None:
             store = KeyStore(self._redis, self._keyspace, self._server_key)
-            lookup = asyncio.ensure_future(store.verify(presented, now))
-            self._lookups[digest] = lookup
-            lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
-        return lookup
+            found = (asyncio.ensure_future(store.verify(presented, now)), self._forgotten)
+            self._lookups[digest] = found
+            found[0].add_done_callback(lambda _: self._drop_lookup(digest, found))
+        return found
+
+    def _drop_lookup(self, digest: bytes, lookup: tuple[asyncio.Future[Any], int]) -> None:
+        if self._lookups.get(digest) is lookup:
+            del self._lookups[digest]
 
     def _refresh_ahead(self, presented: str, digest: bytes) -> None:
         """Look a key in use up again before its cache entry lapses, in the background."""
@@ -422,6 +430,7 @@ class AccessControl:
 
     def forget(self, key_id: str) -> None:
         self._forgotten += 1
+        self._lookups.clear()  # a lookup already under way may predate the change
         for digest in [d for d, (_, k) in self._cache.items() if k is not None and k.id == key_id]:
             del self._cache[digest]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from hashlib import blake2b
 from typing import Any
 
 import httpx
@@ -341,3 +342,28 @@ async def test_a_key_in_use_is_looked_up_again_before_its_cache_entry_lapses(
             access.forget("some other key")  # an invalidation while the lookup is in flight
             await asyncio.gather(*access._background)
             assert access._cache[digest][0] < time.monotonic() + 2  # not renewed by that lookup
+
+
+async def test_a_lookup_that_races_a_revocation_answers_but_is_not_cached(
+    redis, access_settings
+) -> None:
+    _, full = await make_key(redis, access_settings)
+    app = Meterwall(api_app, settings=access_settings)
+    async with LifespanManager(app):
+        access = app.access
+        assert access is not None
+        app._bind_access(access)  # what the first request does: Redis clients for this loop
+        digest = blake2b(full.encode(), key=access._cache_key, digest_size=16).digest()
+        racing = asyncio.ensure_future(access._verify(full, digest, None))
+        await asyncio.sleep(0)  # its lookup is under way
+        assert digest in access._lookups
+        access.forget("another key")  # an invalidation arrives meanwhile
+        assert digest not in access._lookups  # the next request looks up afresh
+        key, answer, _ = await racing
+        assert key is not None  # the racing request has its answer...
+        assert answer is None
+        assert digest not in access._cache  # ...which is not kept
+        again, answer, _ = await access._verify(full, digest, None)
+        assert again is not None
+        assert answer is None
+        assert digest in access._cache  # a lookup with no race is kept
