@@ -227,6 +227,15 @@ async def test_a_killed_workers_lease_comes_back_after_its_deadline(redis, setti
     assert len([f for f in await redis.hkeys(quota_key) if f.startswith(b"l:")]) == 1
 
 
+def limiter_on_clock(own: Settings, redis: Any) -> tuple[Limiter, FixedClock]:
+    """A worker's limiter whose clock the test moves, from ``T0``."""
+    clock = FixedClock(T0)
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
+                      clock=clock)  # fmt: skip
+    limiter.bind(redis)
+    return limiter, clock
+
+
 def limiter_at(own: Settings, redis: Any, at: float) -> Limiter:
     """Another worker, its clock at wall time ``at`` (the lease script uses that time too)."""
     limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
@@ -250,10 +259,7 @@ async def test_rate_tokens_are_renewed_before_they_lapse_so_no_request_waits(
     the background half a second before, so a request never finds them lapsed and waits a
     Redis round trip (once a second per consumer: +200 ms at p99 behind a slow Redis)."""
     own = limited(settings, "busy: 1000/s burst 1000", default_plan="busy")
-    clock = FixedClock(T0)
-    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
-                      clock=clock)  # fmt: skip
-    limiter.bind(redis)
+    limiter, clock = limiter_on_clock(own, redis)
 
     assert not (await limiter.admit("acme", "", "/x")).reason  # the first lease is awaited
     for _ in range(10):  # 3 s of traffic in steps of 0.3 s, past three lease periods
@@ -270,10 +276,7 @@ async def test_quota_leases_are_renewed_before_they_lapse_so_no_request_waits(
 ) -> None:
     """The same for quota leases (they live QUOTA_LEASE_S): renewed ahead, topped up."""
     own = limited(settings, "monthly: 1000000 requests/month", default_plan="monthly")
-    clock = FixedClock(T0)
-    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
-                      clock=clock)  # fmt: skip
-    limiter.bind(redis)
+    limiter, clock = limiter_on_clock(own, redis)
     assert not (await limiter.admit("acme", "", "/x")).reason  # the first lease is awaited
     for _ in range(30):  # 45 s of traffic, past four lease periods
         clock.advance(1.5)
@@ -302,10 +305,7 @@ async def test_after_an_idle_spell_the_lease_size_is_halved_not_started_again(
     """A consumer back at its old pace after a pause waits for one lease, not for one per
     doubling from the first size (six round trips behind a slow Redis)."""
     own = limited(settings, "busy: 100000/s burst 100000", default_plan="busy")
-    clock = FixedClock(T0)
-    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan=own.default_plan,
-                      clock=clock)  # fmt: skip
-    limiter.bind(redis)
+    limiter, clock = limiter_on_clock(own, redis)
     for _ in range(2000):  # 2 s at 1,000 requests/s: the lease size doubles up
         assert not (await limiter.admit("acme", "", "/x")).reason
         clock.advance(0.001)
