@@ -12,7 +12,6 @@ this command's section of RESULTS.md. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import importlib.metadata
 import os
@@ -20,7 +19,6 @@ import platform
 import pstats
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,6 @@ from redis import Redis
 
 from meterwall.apikeys import new_key
 from meterwall.embedded import EmbeddedRedis
-from meterwall.sealing import generate_keypair
 
 from . import load
 from .procs import (
@@ -43,18 +40,17 @@ from .procs import (
     Cores,
     Server,
     counted_requests,
-    free_port,
     other_benchmarks,
     redis_stats,
 )  # fmt: skip
-from .report import replace_section
+from .report import generator_text, replace_section
+from .run import sealed_env
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- aiohttp:start -->", "<!-- aiohttp:end -->"
 SECTION_TITLE = "## aiohttp adapter: `python -m benchmarks.aiohttp_bench`"
 RUN_AS = ("python", "-m", "benchmarks.aiohttp_bench")
-_START_TIMEOUT = 30.0
 _POLL_S = 30.0
 #: Below this median ratio the meterwall server is profiled once more (``--profile auto``).
 PROFILE_BELOW = 0.75
@@ -70,31 +66,11 @@ class Variant:
 
 def variants(redis_url: str, journal_dir: str) -> list[Variant]:
     """The bare app, and meterwall with the settings of the ASGI benchmark's variant 4."""
-    private, public = generate_keypair()
-    del private  # the benchmark never opens a record
-    sealed = {
-        "MW_RECORD_PUBLIC_KEY": public,
-        "MW_CONSUMER_HEADER": "X-Consumer",
-        "MW_PSEUDONYM_SECRET": base64.b64encode(os.urandom(32)).decode(),
-        "MW_REDIS_URL": redis_url,
-        "MW_JOURNAL_DIR": journal_dir,
-    }
+    sealed = {**sealed_env(), "MW_REDIS_URL": redis_url, "MW_JOURNAL_DIR": journal_dir}
     return [
         Variant("bare", "bare aiohttp app"),
         Variant("meterwall", "meterwall_aiohttp, metering + sealed records", sealed, True),
     ]
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(4096):
-                data += chunk
-            return data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -106,30 +82,10 @@ class AiohttpServer(Server):
 
     profile_out: str = ""
 
-    def start(self) -> AiohttpServer:
-        self.port = free_port()
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "benchmarks.aiohttp_apps", "--variant", self.factory,
                "--port", str(self.port)]  # fmt: skip
-        cmd += ["--profile", self.profile_out] if self.profile_out else []
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env={**os.environ, **self.env},
-                stdout=out,
-                stderr=out,
-                preexec_fn=self.cores.pin(self.cores.server),
-            )
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.factory} exited at start:\n{self.log_tail()}")
-            if _ping(self.port):
-                self.pings += 1
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.factory} did not answer in {_START_TIMEOUT:g}s")
+        return cmd + (["--profile", self.profile_out] if self.profile_out else [])
 
 
 @dataclass
@@ -447,11 +403,7 @@ def machine(usable: int) -> list[str]:
 
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     gen = results["generator"]
-    gen_text = (
-        f"wrk ({load.wrk_version()}), 1 thread"
-        if gen == "wrk"
-        else "asyncio keep-alive client (benchmarks/load.py; wrk not installed)"
-    )
+    gen_text = generator_text(gen)
     la = results["load_avg"]
     s = summarize(results)["meterwall"]
     lines = [

@@ -104,10 +104,10 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
 
-    def start(self) -> Server:
+    def command(self) -> list[str]:
+        """The server's command line, for ``self.port`` (an aiohttp server names its own)."""
         http, loop = uvicorn_impl(self.http)
-        self.port = free_port()
-        cmd = [
+        return [
             sys.executable,
             "-m",
             "uvicorn",
@@ -127,6 +127,10 @@ class Server:
             "--lifespan",
             "on",
         ]
+
+    def start(self) -> Server:
+        self.port = free_port()
+        cmd = self.command()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 cmd,

@@ -109,14 +109,17 @@ def machine(http: str) -> list[str]:
     ]
 
 
+def generator_text(generator: str) -> str:
+    """How a run's load generator is named in RESULTS.md."""
+    if generator == "wrk":
+        return f"wrk ({load.wrk_version()}), 1 thread"
+    return "asyncio keep-alive client (benchmarks/load.py; wrk not installed)"
+
+
 def markdown(results: dict[str, Any]) -> str:
     args = results["args"]
     gen = results["generator"]
-    gen_text = (
-        f"wrk ({load.wrk_version()}), 1 thread"
-        if gen == "wrk"
-        else "asyncio keep-alive client (benchmarks/load.py; wrk not installed)"
-    )
+    gen_text = generator_text(gen)
     la = results["load_avg"]
     lines = [
         *machine(args["http"]),

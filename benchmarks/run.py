@@ -52,14 +52,19 @@ class Variant:
     api_keys: bool = False  # store the run's API keys in the variant's Redis before it starts
 
 
-def variants() -> list[Variant]:
-    private, public = generate_keypair()
-    del private  # the benchmark never opens a record
-    sealed = {
+def sealed_env() -> dict[str, str]:
+    """Variant 4's settings: a fresh record key pair (only its public half: the benchmark never
+    opens a record), the consumer header and a fresh pseudonymisation secret."""
+    _, public = generate_keypair()
+    return {
         "MW_RECORD_PUBLIC_KEY": public,
         "MW_CONSUMER_HEADER": "X-Consumer",
         "MW_PSEUDONYM_SECRET": base64.b64encode(os.urandom(32)).decode(),
     }
+
+
+def variants() -> list[Variant]:
+    sealed = sealed_env()
     strategy = os.environ.get("BENCH_LIMITER", "fixed-window")  # read by apps.rate_limited
     return [
         Variant("1", "bare Starlette app", "bare"),

@@ -186,11 +186,7 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     args = results["args"]
     gen = results["generator"]
-    gen_text = (
-        f"wrk ({load.wrk_version()}), 1 thread"
-        if gen == "wrk"
-        else "asyncio keep-alive client (benchmarks/load.py; wrk not installed)"
-    )
+    gen_text = report.generator_text(gen)
     la = results["load_avg"]
     date = datetime.datetime.now(datetime.UTC)
     win = f"{window(args['soak']) / 60:.2g}"
