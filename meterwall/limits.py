@@ -52,7 +52,7 @@ PLAN_SYNTAX = "free: 10/s burst 20, 10000 requests/month; pro: 100/s, 1000000 un
 RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
 # Rate tokens are renewed in the background this long before they lapse, however many are held:
 # a request that finds them lapsed waits a Redis round trip (once a second per consumer).
-RENEW_AHEAD_NS = int(RATE_LEASE_S * 1e9 / 2)
+RATE_RENEW_AHEAD_NS = int(RATE_LEASE_S * 1e9 / 2)
 QUOTA_RENEW_AHEAD_NS = 2_000_000_000  # the same for quota leases, which live QUOTA_LEASE_S
 QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
 RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
@@ -221,11 +221,14 @@ class _Tokens:
         self.header_key: tuple[int, int, str] | None = None
         self.header_cache: tuple[tuple[bytes, bytes], ...] = ()
 
+    def rate_lapsing(self, now_ns: int) -> bool:
+        """The rate tokens held lapse soon: time for a new lease."""
+        return now_ns >= self.rate_deadline_ns - RATE_RENEW_AHEAD_NS
+
     def quota_lapsing(self, now_ns: int) -> bool:
-        """The leases holding tokens all lapse soon: time for a new one."""
-        soon = now_ns + QUOTA_RENEW_AHEAD_NS
-        live = [lease.deadline_ns for lease in self.leases if lease.left(now_ns)]
-        return bool(live) and max(live) <= soon
+        """The newest lease lapses soon (requests spend the oldest first, so it holds the last
+        tokens): time for a new one. Cheap: it runs for every request of a quota plan."""
+        return bool(self.leases) and self.leases[-1].deadline_ns <= now_ns + QUOTA_RENEW_AHEAD_NS
 
     def quota_held(self, now_ns: int) -> int:
         held = self.credit
@@ -333,10 +336,9 @@ class Limiter:
                 if not left:
                     break
         held = tokens.quota_held(now) if plan.quota else 0
-        low = (
-            plan.rate
-            and (tokens.rate * 2 < tokens.want or now >= tokens.rate_deadline_ns - RENEW_AHEAD_NS)
-        ) or (plan.quota and (held * 2 < tokens.want or tokens.quota_lapsing(now)))
+        low = (plan.rate and (tokens.rate * 2 < tokens.want or tokens.rate_lapsing(now))) or (
+            plan.quota and (held * 2 < tokens.want or tokens.quota_lapsing(now))
+        )
         if low and tokens.pending is None and now >= tokens.blocked_until_ns:
             tokens.pending = asyncio.get_running_loop().create_task(
                 self._lease(tokens, consumer, 0)
@@ -369,7 +371,7 @@ class Limiter:
         rate_want = quota_want = 0
         if plan.rate and not closing and (tokens.rate < 1 or tokens.rate * 2 < tokens.want):
             rate_want = tokens.want
-        elif plan.rate and not closing and now >= tokens.rate_deadline_ns - RENEW_AHEAD_NS:
+        elif plan.rate and not closing and tokens.rate_lapsing(now):
             # Renewed ahead: topped up to one lease, and the tokens held live another period
             # (held tokens stay within one lease, as before: other workers are not starved).
             rate_want = max(1, tokens.want - tokens.rate)
