@@ -569,13 +569,7 @@ class Flusher:
         batches = {shard: payload for shard, (_, payload, _) in self._pending.items()}
         results = await apply_batches(redis, self.keyspace, batches)
         for shard, reply in results.items():
-            if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
-                # The script refused the batch as malformed: a bug, never a transient state.
-                # Keeping it would block the shard forever, so it is logged and counted.
-                log.error("meterwall: shard %d refused a batch: %s", shard, reply)
-                self.batches_refused += 1
-            elif isinstance(reply, Exception):
-                raise reply  # OOM, READONLY, BUSY, ...: transient, the batch stays pending
+            self._settle(shard, reply, "a batch")
             # "applied", or "duplicate": an earlier attempt of this very batch landed.
             seq, _, _ = self._pending.pop(shard)
             self.journal.applied(self.writer, shard, seq)
@@ -633,8 +627,14 @@ class Flusher:
 
     async def _apply_one(self, redis: Redis, shard: int, payload: bytes) -> None:
         reply = (await apply_batches(redis, self.keyspace, {shard: payload}))[shard]
+        self._settle(shard, reply, "a replayed batch")
+
+    def _settle(self, shard: int, reply: Any, what: str) -> None:
+        """Raise a transient error (OOM, READONLY, BUSY, ...: the batch is kept and sent again);
+        a batch the script refused as malformed is a bug, never a transient state: keeping it
+        would block the shard forever, so it is logged, counted and let go."""
         if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
-            log.error("meterwall: shard %d refused a replayed batch: %s", shard, reply)
+            log.error("meterwall: shard %d refused %s: %s", shard, what, reply)
             self.batches_refused += 1
         elif isinstance(reply, Exception):
             raise reply
@@ -652,11 +652,7 @@ class Flusher:
                 redis, self.keyspace, {shard: payload for shard, (_, payload) in first.items()}
             )
             for shard, reply in results.items():
-                if isinstance(reply, ResponseError) and str(reply).startswith(_REFUSED):
-                    log.error("meterwall: shard %d refused a re-sent batch: %s", shard, reply)
-                    self.batches_refused += 1
-                elif isinstance(reply, Exception):
-                    raise reply
+                self._settle(shard, reply, "a re-sent batch")
                 seq = first[shard][0]
                 self._resend.remove((seq, shard, first[shard][1]))
                 self.journal.applied(self.writer, shard, seq)  # acknowledged again: a new window
