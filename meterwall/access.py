@@ -244,7 +244,7 @@ class AccessControl:
                 key, answer, stale = await self._verify(presented, digest, cached)
                 if answer is not None:
                     return answer
-            elif cached[0] - time.monotonic() < REFRESH_AHEAD_SECONDS:  # type: ignore[index]
+            elif cached is not None and cached[0] - time.monotonic() < REFRESH_AHEAD_SECONDS:
                 self._refresh_ahead(presented, digest)
         assert key is not None
         now = time.time()
