@@ -196,7 +196,7 @@ async def stage_breakdown(
     assert ip16 is not None
     epoch = fl.pseudonyms.epoch(fl._hour)
     pseudonyms = epoch.pseudonyms(ip16)
-    plain = build_record(ex, RECORD_ID, red, address, pseudonyms)
+    plain = build_record(ex, red, address, pseudonyms)
     assert b"correct horse" not in plain, "password not masked"
     assert b"sk_live" not in plain, "token not fingerprinted"
     ct, data = "application/json", ex.body
@@ -217,7 +217,7 @@ async def stage_breakdown(
             lambda: canonical_ip(tp.resolve(peer, headers) or ""), k), "trusted proxy + XFF"),
         ("pseudonyms (cached)", time_us(lambda: epoch.pseudonyms(ip16), k), "dict hit"),
         ("pseudonyms (uncached)", time_us(uncached, k), "2 HMAC-SHA256"),
-        ("build_record", time_us(lambda: build_record(ex, RECORD_ID, red, address,
+        ("build_record", time_us(lambda: build_record(ex, red, address,
          pseudonyms), k), "includes the three redactions above + orjson"),
         ("seal", time_us(lambda: fl.sealer.seal(plain, ex.start_ns, RECORD_ID), k),
          f"AES-256-GCM of a {len(plain)} B record"),

@@ -37,7 +37,7 @@ from .clock import Clock
 from .consumers import Consumer, ConsumerRegistry
 from .errors import ConfigurationError
 from .journal import FileJournal, Journal, NullJournal, deployment_dir, orphans
-from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET
+from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, pack_positions
 from .metering import (
     KIND_1H,
     KIND_15M,
@@ -57,7 +57,7 @@ from .store import apply_batches, check_shards, connect, eviction_policy, server
 
 log = logging.getLogger("meterwall")
 
-BATCH_VERSION = 3  # the packed batch format lua/apply_batch.lua accepts
+BATCH_VERSION = 4  # the packed batch format lua/apply_batch.lua accepts
 _REGISTRY_EVERY = 10.0  # seconds between reads of the consumer registry
 _RESTRICTIONS_EVERY = 1.0  # seconds between reads of the restriction list
 _ADOPT_EVERY = 5.0  # seconds between looks for dead writers' journals
@@ -78,7 +78,6 @@ def sealed_size(sealed: Sealed) -> int:
 
 
 _LENGTH = struct.Struct(">I")
-_POSITION = struct.Struct(">H")
 _SERVER_CHECK_EVERY = 5.0  # seconds
 _REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
 _CACHE_LIMIT = 65536
@@ -398,9 +397,7 @@ class Flusher:
             return None
         record_id = next(self._record_ids).to_bytes(16, "big")
         # Address headers are pseudonymised for self._hour (_address_pseudonym): their epoch.
-        plain = build_record(
-            ex, record_id, self.redactor, address, pseudonyms, address_epoch=self._hour
-        )
+        plain = build_record(ex, self.redactor, address, pseudonyms, address_epoch=self._hour)
         blob, key = self.sealer.seal(plain, ex.start_ns, record_id)
         idents: tuple[bytes, ...] = ()
         if pseudonyms is not None:
@@ -740,20 +737,30 @@ class Flusher:
 
 
 def _record_groups(records: list[Sealed]) -> list[list[Any]]:
-    """One group per time slice: its record count, length-prefixed blobs and positioned idents.
+    """One group per time slice: its record count, length-prefixed blobs and index.
 
     The script stores each group as one stream entry, so Redis's work does not grow by a
-    command per record; an index member names the entry and the record's position in it.
+    command per record. The index is ``[identifier, positions, ...]``: each identifier once,
+    with the positions (2 bytes each) of the group's records it names; the script makes one
+    index member of each (``keyspace.index_member``).
     """
     by_slice: dict[int, list[Sealed]] = {}
     for record in records:
         by_slice.setdefault(record[1], []).append(record)
     groups = []
-    pack_length, pack_position = _LENGTH.pack, _POSITION.pack
+    pack_length = _LENGTH.pack
     for slice_start, items in by_slice.items():
         blobs = b"".join([pack_length(len(r[2])) + r[2] for r in items])
-        idents = b"".join([ident + pack_position(i) for i, r in enumerate(items) for ident in r[3]])
-        groups.append([slice_start, len(items), blobs, idents])
+        positions: dict[bytes, list[int]] = {}
+        for i, record in enumerate(items):
+            for ident in record[3]:
+                at = positions.get(ident)
+                if at is None:
+                    positions[ident] = [i]
+                else:
+                    at.append(i)
+        index = [part for ident, at in positions.items() for part in (ident, pack_positions(at))]
+        groups.append([slice_start, len(items), blobs, index])
     return groups
 
 

@@ -9,6 +9,7 @@ refuses to start.
 
 from __future__ import annotations
 
+import struct
 import zlib
 
 #: Raw records are grouped in slices of this many seconds; a slice expires as one key, at its
@@ -23,6 +24,31 @@ TAG_IP = b"i"
 TAG_NET = b"n"
 TAG_CONSUMER = b"c"
 TAG_KEY = b"k"
+#: Tag + 16-byte keyed identifier: the part of an index member a lookup searches by.
+IDENT_BYTES = 17
+
+
+def index_member(member: bytes) -> tuple[bytes, bytes, list[int]]:
+    """An index member's identifier, stream entry id and record positions in that entry.
+
+    A member is ``tag + identifier (16) + entry id length (1) + entry id + positions`` (2 bytes
+    each, big-endian): one member per identifier and stored group, however many of the group's
+    records it names, so an address or consumer seen a thousand times in a flush costs a few
+    bytes per record instead of a sorted-set member each (``lua/apply_batch.lua`` writes them).
+    """
+    end = IDENT_BYTES + 1 + (member[IDENT_BYTES] if len(member) > IDENT_BYTES else 0)
+    tail = member[end:]
+    if len(member) <= end or len(tail) % 2:
+        raise ValueError("not an index member")
+    return member[:IDENT_BYTES], member[IDENT_BYTES + 1 : end], list(unpack_positions(tail))
+
+
+def unpack_positions(packed: bytes) -> tuple[int, ...]:
+    return struct.unpack(f">{len(packed) // 2}H", packed)
+
+
+def pack_positions(positions: list[int]) -> bytes:
+    return struct.pack(f">{len(positions)}H", *positions)
 
 
 class Keyspace:

@@ -95,7 +95,8 @@ class RecordReader:
                 raise InvalidRecord("the record's data key is gone")
             self._wrapped[(shard, envelope.key_id)] = wrapped
         record: dict[str, Any] = orjson.loads(self._opener.open(blob, wrapped))
-        return record
+        # Id and time come from the authenticated header (records of version 2 leave them out).
+        return {"id": envelope.record_id.hex(), "time_ns": envelope.time_ns, **record}
 
     async def count(self) -> int:
         """How many sealed records are stored (within or past the window: a raw count)."""

@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import InvalidRecord
-from .keyspace import Keyspace, split_group
+from .keyspace import Keyspace, index_member, split_group
 from .sealing import read_envelope
 from .settings import RETENTION_CEILING
 from .store import eviction_policy
@@ -155,7 +155,9 @@ class Auditor:
             for entry, position in references:
                 refs += 1
                 size = groups.get(entry)
-                if size is None:
+                if position < 0:
+                    problems.append(f"{stream}: an index member of an unknown format")
+                elif size is None:
                     problems.append(f"{stream}: an index entry points at missing entry {entry!r}")
                 elif position >= size:
                     problems.append(f"{stream} {entry!r}: index position {position} of {size}")
@@ -335,8 +337,12 @@ class Auditor:
             ):
                 continue  # the field names n and r, record counts and entry ids: nothing else
             if part == "member" and refs is not None:
-                entry = value[19:]  # tag, 16-byte pseudonym, 2-byte position, then an entry id
-                refs.append((entry, int.from_bytes(value[17:19], "big")))
+                try:
+                    _, entry, positions = index_member(value)
+                except ValueError:
+                    refs.append((b"", -1))  # reported by the index check
+                    continue
+                refs += [(entry, n) for n in positions]
                 if _GENERATED.fullmatch(entry):
                     continue
                 value = entry

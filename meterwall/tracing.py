@@ -27,13 +27,12 @@ from .auditlog import AuditLog, LongLivedPseudonyms, cli_actor
 from .clientip import canonical_ip
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigurationError, RetentionExceeded
-from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, split_group
+from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, index_member, split_group
 from .pseudonyms import HOUR, Epoch, IpPseudonymiser, derive, keyed_id
 from .reader import NS, RecordReader
 from .settings import Settings
 
 _STATUS = re.compile(r"^(?:[1-5]xx|[1-5]\d\d)$")
-_IDENT = 17  # tag + 16-byte identifier
 MAX_NETWORKS = 256  # /24s (or /48s) one subnet search may cover
 
 
@@ -210,8 +209,11 @@ class Tracer:
                 replies = await pipe.execute() if asked else []
             for slice_start, members in zip(asked, replies, strict=True):
                 for member in members:
-                    position = int.from_bytes(member[_IDENT : _IDENT + 2], "big")
-                    hits.append(Hit(shard, slice_start, member[_IDENT + 2 :], position))
+                    try:
+                        _, entry, positions = index_member(member)
+                    except ValueError:
+                        continue  # names no record it can be resolved to; the audit reports it
+                    hits += [Hit(shard, slice_start, entry, n) for n in positions]
         return hits
 
     async def _selector(self, query: TraceQuery, since: int, until: int) -> tuple[bytes, Any]:

@@ -210,7 +210,7 @@ def expected_records() -> list[dict[str, Any]]:
     def rec(method: str, route: str, path: str, status: int, decision: str = "admitted", *,
             query: str = "", key: bool = True, body: Any = empty, error: bool = False,
             ) -> dict[str, Any]:  # fmt: skip
-        return {"v": 1, "method": method, "route": route, "path": path, "query": query,
+        return {"v": 2, "method": method, "route": route, "path": path, "query": query,
                 "scheme": "http", "status": status, "error": error,
                 "bytes_in": body["size"], "decision": decision,
                 "consumer": "acme" if key else None, "client": "127.0.0.1",

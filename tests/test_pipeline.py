@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ from meterwall import InvalidRecord, Meterwall, Settings
 from meterwall.clientip import TrustedProxies
 from meterwall.reader import RecordReader
 from meterwall.retention import key_parts
-from meterwall.sealing import RecordOpener, generate_keypair, load_private_key
+from meterwall.sealing import RecordOpener, generate_keypair, load_private_key, read_envelope
 from meterwall.usage import usage_totals
 from tests.helpers import this_hour
 
@@ -84,6 +85,33 @@ async def test_every_request_is_sealed_and_counted(redis, settings, private_key)
         ("", "/v1/login", 200): 5,
         ("", "<unmatched>", 404): 1,
     }
+
+
+async def test_a_records_id_and_time_come_from_its_authenticated_header(
+    redis, settings, private_key
+) -> None:
+    async def send(client: httpx.AsyncClient) -> None:
+        for n in range(5):
+            await client.get(f"/items/{n}")
+
+    before = time.time_ns()
+    await run_traffic(settings, send)
+    reader = RecordReader(redis, settings, private_key)
+    opened = [(blob, record) async for blob, record in reader.iter_records()]
+    assert len(opened) == 5
+    for blob, record in opened:
+        envelope = read_envelope(blob)
+        assert (record["id"], record["time_ns"]) == (envelope.record_id.hex(), envelope.time_ns)
+        assert before <= record["time_ns"] <= time.time_ns()
+        assert record["v"] == 2
+    assert len({record["id"] for _, record in opened}) == 5
+    # The sealed plaintext itself does not repeat them (28 bytes of every stored record).
+    blob = opened[0][0]
+    wrapped = await redis.get(settings.keyspace().data_key(0, read_envelope(blob).key_id))
+    plain = RecordOpener(private_key).open(blob, wrapped)
+    assert plain.startswith(b'{"v":2,"method":"GET"')
+    assert b'"id"' not in plain
+    assert b'"time_ns"' not in plain
 
 
 async def test_no_plaintext_ip_or_credential_anywhere_in_redis(redis, settings) -> None:

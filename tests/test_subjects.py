@@ -193,3 +193,6 @@ async def test_a_keyed_audit_opens_records_and_checks_indexes_and_restrictions(
     assert not broken["index"].ok
     assert not broken["records"].ok
     assert "does not open" in broken["records"].problems[0]
+    await redis.zadd(stream.replace(b":rec:", b":ix:"), {b"k" + bytes(16): 0})
+    problems = (await audit())["index"].problems
+    assert any(p.endswith("an index member of an unknown format") for p in problems)

@@ -14,6 +14,7 @@ from meterwall import Meterwall, Settings
 from meterwall.auditlog import AuditLog
 from meterwall.clock import FixedClock
 from meterwall.errors import ConfigurationError, RetentionExceeded
+from meterwall.keyspace import index_member
 from meterwall.tracing import TraceQuery, Tracer
 from tests.test_access import api_app, make_key
 from tests.test_cli import meterwall
@@ -138,6 +139,41 @@ async def test_the_cli_traces_with_the_private_key_and_refuses_without(
     log = meterwall("audit-log", "--format", "json", env=env)
     assert [e["action"] for e in json.loads(log.stdout)] == ["trace", "trace"]
     assert all(e["actor"].startswith("os:") for e in json.loads(log.stdout))
+
+
+async def test_a_client_repeated_in_a_flush_costs_one_index_member_per_identifier(
+    redis, settings, private_key
+) -> None:
+    own = settings.replace(access="keys")
+    _, key = await make_key(redis, own, consumer="acme")
+    clock = FixedClock((BOUNDARY - 100) * NS)
+    app = Meterwall(api_app, settings=own, clock=clock)
+    await send(app, clock, BOUNDARY - 100, "203.0.113.7", key, count=40)
+    await send(app, clock, BOUNDARY - 90, "198.51.100.4", key, count=3)
+    assert await app.aclose()  # one flush: one stored group
+    [index] = [k async for k in redis.scan_iter(match=f"{own.key_prefix}:*:ix:*")]
+    members = await redis.zrange(index, 0, -1)
+    # Address and network of each client, the consumer and the key: 6 members for 43 records.
+    assert len(members) == 6
+    named = sorted(len(index_member(m)[2]) for m in members)
+    assert named == [3, 3, 40, 40, 43, 43]
+    tracer = Tracer(redis, own, private_key, clock=clock, actor="t")
+    found = await tracer.trace(TraceQuery(ip="203.0.113.7"))
+    assert len(found.records) == 40
+    assert {r["client"]["ip"] for r in found.records} == {"203.0.113.7"}
+    assert len({r["id"] for r in found.records}) == 40
+    assert len((await tracer.trace(TraceQuery(consumer="acme"))).records) == 43
+    # A member no writer makes names nothing; the audit's index check reports it (below).
+    await redis.zadd(index, {b"i" + bytes(16) + b"\xff": 0})
+    assert len((await tracer.trace(TraceQuery(consumer="acme"))).records) == 43
+
+
+def test_index_members_refuse_what_they_cannot_parse() -> None:
+    member = b"c" + bytes(range(16)) + b"\x03" + b"1-0" + b"\x00\x02\x01\x00"
+    assert index_member(member) == (member[:17], b"1-0", [2, 256])
+    for broken in (member[:17], member[:21], member + b"\x00", b"c" + bytes(16) + b"\x09" + b"1-0"):
+        with pytest.raises(ValueError):
+            index_member(broken)
 
 
 async def test_a_malformed_stored_query_never_matches_other_fields(traffic) -> None:

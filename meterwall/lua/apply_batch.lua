@@ -3,15 +3,18 @@
 -- KEYS[1]  the shard prefix, e.g. "mw:{s03}:" (every key below starts with it, so they share
 --          its hash slot on Redis Cluster)
 -- ARGV[1]  msgpack (bytes packed as raw strings: cmsgpack has no bin type):
---          {version = 3, writer, seq, retention_s, counters, records, data_keys, stats,
+--          {version = 4, writer, seq, retention_s, counters, records, data_keys, stats,
 --           uniques, lateness_s}
 --   counters  {{kind, bucket, field, delta, expire_at}, ...}: kind 1 = 15 minutes and 2 = hour
 --             (bucket = start time; hash of the shard), 3 = day and 4 = month in the consumer's
 --             billing zone (bucket = "consumer:YYYY-MM-DD" or "consumer:YYYY-MM")
 --   uniques   {{"consumer:YYYY-MM-DD", elements (n x 8 bytes), expire_at}, ...}: HyperLogLogs
---   records   {{slice_start, count, blobs, idents}, ...}: one group per time slice, where blobs
+--   records   {{slice_start, count, blobs, index}, ...}: one group per time slice, where blobs
 --             is the group's sealed records, each prefixed by its 4-byte big-endian length, and
---             idents is n x 19 bytes: tag + 16-byte identifier + 2-byte position in the group
+--             index is {ident, positions, ident, positions, ...}: ident = tag + 16-byte
+--             identifier, positions = 2 bytes (big-endian) per record of the group it names.
+--             Each pair becomes one index member: ident + entry id length (1) + entry id +
+--             positions, so a repeated address or consumer costs bytes, not members.
 --   data_keys {{key_id_hex, wrapped_key, expire_at}, ...}
 --   stats     {{field, delta}, ...}
 --
@@ -23,7 +26,7 @@ local p = KEYS[1]
 local ok, b = pcall(cmsgpack.unpack, ARGV[1])
 if not ok or type(b) ~= 'table' then return redis.error_reply('ERR meterwall: batch is not msgpack') end
 local function bad(what) return redis.error_reply('ERR meterwall: bad batch: ' .. what) end
-if b[1] ~= 3 then return bad('version') end
+if b[1] ~= 4 then return bad('version') end
 local writer, seq, retention = b[2], b[3], b[4]
 if type(writer) ~= 'string' or not string.match(writer, '^[%w-]+$') then return bad('writer') end
 for _, n in ipairs({seq, retention}) do
@@ -52,7 +55,12 @@ for _, u in ipairs(uniques) do
 end
 for _, r in ipairs(records) do
   if type(r[1]) ~= 'number' or type(r[2]) ~= 'number' or r[2] < 1 or type(r[3]) ~= 'string'
-     or type(r[4]) ~= 'string' or #r[4] % 19 ~= 0 then return bad('record group') end
+     or type(r[4]) ~= 'table' or #r[4] % 2 ~= 0 then return bad('record group') end
+  for i = 1, #r[4], 2 do
+    local ident, positions = r[4][i], r[4][i + 1]
+    if type(ident) ~= 'string' or #ident ~= 17 or type(positions) ~= 'string'
+       or #positions == 0 or #positions % 2 ~= 0 then return bad('record index') end
+  end
 end
 for _, k in ipairs(dkeys) do
   if type(k[1]) ~= 'string' or not string.match(k[1], '^%x+$') or type(k[2]) ~= 'string'
@@ -128,10 +136,11 @@ for _, r in ipairs(records) do
     redis.call('EXPIREAT', rec, at)
     if #r[4] > 0 then
       local ix = p .. 'ix:' .. slice
+      local named = string.char(#id) .. id
       local args = {}
-      for i = 1, #r[4], 19 do
+      for i = 1, #r[4], 2 do
         args[#args + 1] = '0'
-        args[#args + 1] = string.sub(r[4], i, i + 18) .. id
+        args[#args + 1] = r[4][i] .. named .. r[4][i + 1]
         if #args >= 1000 then redis.call('ZADD', ix, unpack(args)); args = {} end
       end
       if #args > 0 then redis.call('ZADD', ix, unpack(args)) end

@@ -6,8 +6,9 @@
 -- Returns  {records erased, index members removed}
 --
 -- A group is a concatenation of sealed records, each prefixed by its 4-byte big-endian length;
--- an index member is tag (1) + identifier (16) + position (2, big-endian) + entry id. Everything
--- is read and checked before the first write: Redis does not roll a script back.
+-- an index member is tag (1) + identifier (16) + entry id length (1) + entry id + the positions
+-- (2 bytes each, big-endian) of the entry's records it names. Everything is read and checked
+-- before the first write: Redis does not roll a script back.
 
 local entry = ARGV[1]
 local drop = {}
@@ -49,18 +50,26 @@ if #kept > 0 then
 end
 redis.call('XDEL', KEYS[1], entry)
 
+-- Removed counts index entries (one per identifier and record), not members.
 local removed = 0
 local members = redis.call('ZRANGE', KEYS[2], 0, -1)
+local named = string.char(#entry) .. entry
 for _, member in ipairs(members) do
-  if string.sub(member, 20) == entry then
+  if #member > 18 and string.sub(member, 18, 18 + #entry) == named then
     redis.call('ZREM', KEYS[2], member)
-    local hi, lo = string.byte(member, 18, 19)
-    local moved = renumber[hi * 256 + lo]
-    if moved ~= nil then
-      local packed = string.char(math.floor(moved / 256), moved % 256)
-      redis.call('ZADD', KEYS[2], 0, string.sub(member, 1, 17) .. packed .. new_entry)
-    else
-      removed = removed + 1
+    local moved = {}
+    for i = 19 + #entry, #member - 1, 2 do
+      local hi, lo = string.byte(member, i, i + 1)
+      local kept_at = renumber[hi * 256 + lo]
+      if kept_at ~= nil then
+        moved[#moved + 1] = string.char(math.floor(kept_at / 256), kept_at % 256)
+      else
+        removed = removed + 1
+      end
+    end
+    if #moved > 0 then
+      redis.call('ZADD', KEYS[2], 0,
+                 string.sub(member, 1, 17) .. string.char(#new_entry) .. new_entry .. table.concat(moved))
     end
   end
 end
