@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from meterwall import Meterwall, Secret, Settings
 from meterwall.clock import FixedClock
 from meterwall.embedded import EmbeddedRedis
-from meterwall.keyspace import TAG_IP, Keyspace
+from meterwall.keyspace import TAG_IP, Keyspace, index_member
 from meterwall.reader import RecordReader
 from meterwall.retention import Auditor, Check
 from meterwall.sealing import generate_keypair, load_private_key
@@ -297,7 +297,7 @@ async def fill(args: argparse.Namespace, settings: Settings) -> Fill:
 
 @dataclass
 class Stored:
-    records: int  # records whose index holds an address entry (every record here has one)
+    records: int  # records an address index member names (every record here has an address)
     entries: int  # stream entries (one per shard, slice and flush)
     slices: int  # record streams (one per shard and 5-minute slice)
     stream_bytes: int  # MEMORY USAGE of the record streams
@@ -308,17 +308,19 @@ class Stored:
 
 
 async def stored(redis: Any, keyspace: Keyspace) -> Stored:
-    """Records held, counted cheaply: one ZLEXCOUNT of the address tag per slice index."""
+    """Records held, counted without opening any: the positions the address members of each
+    slice index name (a member names every record of its entry from that address)."""
     names: list[tuple[int, int]] = []
     for shard in range(keyspace.shards):
         names += [(shard, int(s)) for s in await redis.zrange(keyspace.slices(shard), 0, -1)]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, start in names:
-            pipe.zlexcount(
+            pipe.zrangebylex(
                 keyspace.index(shard, start), b"[" + TAG_IP, b"(" + bytes([TAG_IP[0] + 1])
             )
             pipe.xlen(keyspace.records(shard, start))
         replies = await pipe.execute()
+    named = [sum(len(index_member(m)[2]) // 2 for m in members) for members in replies[0::2]]
     # What each kind of key takes, as Redis's allocator sees it (MEMORY USAGE, every element).
     keys = [k async for k in redis.scan_iter(match=keyspace.pattern(), count=1000)]
     async with redis.pipeline(transaction=False) as pipe:
@@ -334,7 +336,7 @@ async def stored(redis: Any, keyspace: Keyspace) -> Stored:
         for name, value in (await redis.hgetall(keyspace.stats(shard))).items():
             stats[name.decode()] = stats.get(name.decode(), 0) + int(value)
     return Stored(
-        records=sum(replies[0::2]), entries=sum(replies[1::2]), slices=len(names),
+        records=sum(named), entries=sum(replies[1::2]), slices=len(names),
         stream_bytes=by_kind["rec"], index_bytes=by_kind["ix"], other_bytes=by_kind["other"],
         keys=len(keys), stats=stats,
     )  # fmt: skip

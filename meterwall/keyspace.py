@@ -28,19 +28,20 @@ TAG_KEY = b"k"
 IDENT_BYTES = 17
 
 
-def index_member(member: bytes) -> tuple[bytes, bytes, list[int]]:
-    """An index member's identifier, stream entry id and record positions in that entry.
+def index_member(member: bytes) -> tuple[bytes, bytes, bytes]:
+    """An index member's identifier, stream entry id and packed record positions in that entry.
 
     A member is ``tag + identifier (16) + entry id length (1) + entry id + positions`` (2 bytes
-    each, big-endian): one member per identifier and stored group, however many of the group's
-    records it names, so an address or consumer seen a thousand times in a flush costs a few
-    bytes per record instead of a sorted-set member each (``lua/apply_batch.lua`` writes them).
+    each, big-endian, ascending): one member per identifier and stored group, however many of
+    the group's records it names, so an address or consumer seen a thousand times in a flush
+    costs a few bytes per record instead of a sorted-set member each (``lua/apply_batch.lua``
+    writes them). ``unpack_positions`` reads the positions.
     """
     end = IDENT_BYTES + 1 + (member[IDENT_BYTES] if len(member) > IDENT_BYTES else 0)
     tail = member[end:]
     if len(member) <= end or len(tail) % 2:
         raise ValueError("not an index member")
-    return member[:IDENT_BYTES], member[IDENT_BYTES + 1 : end], list(unpack_positions(tail))
+    return member[:IDENT_BYTES], member[IDENT_BYTES + 1 : end], tail
 
 
 def unpack_positions(packed: bytes) -> tuple[int, ...]:

@@ -27,7 +27,15 @@ from .auditlog import AuditLog, LongLivedPseudonyms, cli_actor
 from .clientip import canonical_ip
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigurationError, RetentionExceeded
-from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, index_member, split_group
+from .keyspace import (
+    TAG_CONSUMER,
+    TAG_IP,
+    TAG_KEY,
+    TAG_NET,
+    index_member,
+    split_group,
+    unpack_positions,
+)
 from .pseudonyms import HOUR, Epoch, IpPseudonymiser, derive, keyed_id
 from .reader import NS, RecordReader
 from .settings import Settings
@@ -213,7 +221,7 @@ class Tracer:
                         _, entry, positions = index_member(member)
                     except ValueError:
                         continue  # names no record it can be resolved to; the audit reports it
-                    hits += [Hit(shard, slice_start, entry, n) for n in positions]
+                    hits += [Hit(shard, slice_start, entry, n) for n in unpack_positions(positions)]
         return hits
 
     async def _selector(self, query: TraceQuery, since: int, until: int) -> tuple[bytes, Any]:

@@ -14,7 +14,7 @@ from meterwall import Meterwall, Settings
 from meterwall.auditlog import AuditLog
 from meterwall.clock import FixedClock
 from meterwall.errors import ConfigurationError, RetentionExceeded
-from meterwall.keyspace import index_member
+from meterwall.keyspace import index_member, unpack_positions
 from meterwall.tracing import TraceQuery, Tracer
 from tests.test_access import api_app, make_key
 from tests.test_cli import meterwall
@@ -155,7 +155,7 @@ async def test_a_client_repeated_in_a_flush_costs_one_index_member_per_identifie
     members = await redis.zrange(index, 0, -1)
     # Address and network of each client, the consumer and the key: 6 members for 43 records.
     assert len(members) == 6
-    named = sorted(len(index_member(m)[2]) for m in members)
+    named = sorted(len(unpack_positions(index_member(m)[2])) for m in members)
     assert named == [3, 3, 40, 40, 43, 43]
     tracer = Tracer(redis, own, private_key, clock=clock, actor="t")
     found = await tracer.trace(TraceQuery(ip="203.0.113.7"))
@@ -170,7 +170,8 @@ async def test_a_client_repeated_in_a_flush_costs_one_index_member_per_identifie
 
 def test_index_members_refuse_what_they_cannot_parse() -> None:
     member = b"c" + bytes(range(16)) + b"\x03" + b"1-0" + b"\x00\x02\x01\x00"
-    assert index_member(member) == (member[:17], b"1-0", [2, 256])
+    assert index_member(member) == (member[:17], b"1-0", b"\x00\x02\x01\x00")
+    assert unpack_positions(index_member(member)[2]) == (2, 256)
     for broken in (member[:17], member[:21], member + b"\x00", b"c" + bytes(16) + b"\x09" + b"1-0"):
         with pytest.raises(ValueError):
             index_member(broken)
