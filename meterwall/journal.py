@@ -177,12 +177,19 @@ class FileJournal:
         os.write(self._fd, b"".join((head, start, names, counts, tail)))
 
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
+        """The taken-deltas marker and the batches in one ``writev`` (the marker never lands
+        without its batches), each entry written from where msgpack packed it."""
         self._top = max(self._top, seq)
-        entries: list[tuple[int, Any]] = [(TAKEN, seq)] if took_deltas else []
+        buffers: list[bytes] = []
+        if took_deltas:
+            marker = msgpack.packb(seq)
+            buffers += [_HEAD.pack(len(marker), TAKEN), marker]
         for shard, payload in batches.items():
-            entries.append((BATCH, [seq, shard, payload]))
+            entry = msgpack.packb([seq, shard, payload], use_bin_type=True)
+            buffers += [_HEAD.pack(len(entry), BATCH), entry]
             self._batches[(seq, shard)] = (payload, 0.0, self._segment)
-        self._write(*entries)  # one write: the marker never lands without its batches
+        if buffers:
+            os.writev(self._fd, buffers)
 
     def applied(self, writer: str, shard: int, seq: int) -> None:
         known = self._batches.get((seq, shard))

@@ -115,8 +115,10 @@ def counter_increments(
         else:
             row[0] += value
 
-    out: dict[str, Increments] = {}
-    local: dict[tuple[int, str], tuple[str, str]] = {}
+    # Deltas are kept per latency bucket: the measures are summed over those first (a
+    # consumer's route has ~20 of them), so each measure field is added once, not 20 times.
+    totals: dict[tuple[int, str, str, str, str, int, str], list[int]] = {}
+    histograms: list[tuple[tuple[int, str, str, str, str, int, str], int, int]] = []
     for (
         bucket,
         consumer,
@@ -127,31 +129,57 @@ def counter_increments(
         latency,
         denied,
     ), values in deltas.items():
+        base = (bucket, consumer, key_id, route, method, status, denied)
+        total = totals.get(base)
+        if total is None:
+            totals[base] = list(values[:3])
+        else:
+            total[0] += values[0]
+            total[1] += values[1]
+            total[2] += values[2]
+        if latency != NO_RESPONSE:
+            histograms.append((base, latency, values[0]))
+
+    out: dict[str, Increments] = {}
+    local: dict[tuple[int, str, str, str, str, int], tuple[str, str, str, str]] = {}
+    days: dict[tuple[int, str], tuple[str, str]] = {}
+
+    def buckets(base: tuple[int, str, str, str, str, int, str]) -> tuple[str, str, str, str]:
+        """(day bucket, month bucket, day/month field prefix, 15-minute/hour field prefix)."""
+        bucket, consumer, key_id, route, method, status, _ = base
+        zone_name = zone_of(consumer, bucket)
+        day_month = days.get((bucket, zone_name))
+        if day_month is None:
+            day_month = days[(bucket, zone_name)] = _local_day_month(bucket, zone_name)
+        dims = f"{key_id}{SEP}{route}{SEP}{method}{SEP}{status}{SEP}"
+        fields = counter_field(consumer, key_id, route, method, status, "")
+        return f"{consumer}:{day_month[0]}", f"{consumer}:{day_month[1]}", dims, fields
+
+    for base, (requests, bytes_in, bytes_out) in totals.items():
+        bucket, consumer, _, route, _, status, denied = base
         rows = out.setdefault(consumer, {})
         hour = bucket - bucket % BUCKET_1H
-        zone_name = zone_of(consumer, bucket)
-        day, month = local.get((bucket, zone_name)) or local.setdefault(
-            (bucket, zone_name), _local_day_month(bucket, zone_name)
-        )
-        units = values[0] * weight_of(route) if status < 500 and not denied else 0
-        dims = f"{key_id}{SEP}{route}{SEP}{method}{SEP}{status}{SEP}"
-        measures = [("requests", values[0]), ("units", units), ("bytes_in", values[1]),
-                    ("bytes_out", values[2])]  # fmt: skip
+        day, month, dims, fields = local[base[:6]] = buckets(base)
+        units = requests * weight_of(route) if status < 500 and not denied else 0
+        measures = [("requests", requests), ("units", units), ("bytes_in", bytes_in),
+                    ("bytes_out", bytes_out)]  # fmt: skip
         if denied:
-            measures.append(("denied:" + denied, values[0]))
+            measures.append(("denied:" + denied, requests))
         for measure, value in measures:
             if value:
-                name = counter_field(consumer, key_id, route, method, status, measure)
-                _add(rows, KIND_15M, bucket, name, value, bucket)
-                _add(rows, KIND_1H, hour, name, value, hour)
-                _add(rows, KIND_DAY, f"{consumer}:{day}", dims + measure, value, bucket)
-                _add(rows, KIND_MONTH, f"{consumer}:{month}", dims + measure, value, bucket)
-        if latency != NO_RESPONSE:
-            histogram = f"lat:{latency}"
-            _add(rows, KIND_1H, hour, counter_field(consumer, key_id, route, method, status,
-                 histogram), values[0], hour)  # fmt: skip
-            _add(rows, KIND_DAY, f"{consumer}:{day}", dims + histogram, values[0], bucket)
-            _add(rows, KIND_MONTH, f"{consumer}:{month}", dims + histogram, values[0], bucket)
+                _add(rows, KIND_15M, bucket, fields + measure, value, bucket)
+                _add(rows, KIND_1H, hour, fields + measure, value, hour)
+                _add(rows, KIND_DAY, day, dims + measure, value, bucket)
+                _add(rows, KIND_MONTH, month, dims + measure, value, bucket)
+    for base, latency, requests in histograms:
+        bucket, consumer = base[0], base[1]
+        rows = out[consumer]
+        hour = bucket - bucket % BUCKET_1H
+        day, month, dims, fields = local[base[:6]]
+        histogram = f"lat:{latency}"
+        _add(rows, KIND_1H, hour, fields + histogram, requests, hour)
+        _add(rows, KIND_DAY, day, dims + histogram, requests, bucket)
+        _add(rows, KIND_MONTH, month, dims + histogram, requests, bucket)
     return out
 
 
