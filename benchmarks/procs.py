@@ -20,7 +20,7 @@ from typing import Any
 
 from redis import Redis
 
-from meterwall.keyspace import SEP
+from meterwall.keyspace import SEP, TAG_IP, index_member
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root: `benchmarks` is importable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -222,6 +222,18 @@ def counted_requests(client: Redis, prefix: str = "mw") -> int:
             if field.rsplit(sep, 1)[-1] == b"requests":
                 total += int(value)
     return total
+
+
+def stored_records(client: Redis, prefix: str = "mw") -> tuple[int, int]:
+    """(records stored, records dropped) in a variant's Redis: every benchmark record has a
+    client address, so the address members of the slice indexes name each stored record once."""
+    stored = dropped = 0
+    for key in client.scan_iter(match=f"{prefix}:*:ix:*", count=1000):
+        for member in client.zrangebylex(key, b"[" + TAG_IP, b"(" + bytes([TAG_IP[0] + 1])):
+            stored += len(index_member(member)[2]) // 2
+    for key in client.scan_iter(match=f"{prefix}:*:stats", count=1000):
+        dropped += int(client.hget(key, "records_dropped") or 0)
+    return stored, dropped
 
 
 def ledger_day_bytes(client: Redis, consumers: Sequence[str], prefix: str = "mw") -> dict[str, Any]:

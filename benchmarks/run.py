@@ -26,7 +26,15 @@ from meterwall.pseudonyms import derive
 from meterwall.sealing import generate_keypair
 
 from . import load, profiling, report
-from .procs import ROOT, Cores, Server, counted_requests, ledger_day_bytes, redis_stats
+from .procs import (
+    ROOT,
+    Cores,
+    Server,
+    counted_requests,
+    ledger_day_bytes,
+    redis_stats,
+    stored_records,
+)
 
 #: Variant 5's access settings: GET /ping (the readiness check) stays public, POST /echo needs a
 #: key with the scope ``items:write``, and the plan's rate limit and quota are far from being hit.
@@ -184,6 +192,8 @@ def finish(t: Target) -> dict[str, Any]:
     if t.variant.meterwall and t.redis is not None:
         check.update(client_completed=t.sent, max_cut=t.max_cut,
                      meterwall_counted=counted_requests(t.redis),
+                     records=(stored_records(t.redis)
+                              if t.variant.env.get("MW_RECORDS") != "off" else None),
                      redis_used_memory=t.redis.info("memory")["used_memory"],
                      redis_keys=t.redis.dbsize(),
                      ledger=ledger_day_bytes(t.redis, load.CONSUMERS))  # fmt: skip

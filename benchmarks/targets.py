@@ -247,6 +247,13 @@ def checks(results: dict[str, Any]) -> list[str]:
                 f"- variant {key}: meterwall counted {counted} requests, the load "
                 f"generator completed {sent}: {same}"
             )
+            if c.get("records") is not None:
+                stored, dropped = c["records"]
+                whole = "every one" if stored == counted else f"**{stored - counted:+d}**"
+                out.append(
+                    f"- variant {key}: sealed records stored in Redis after the server stopped: "
+                    f"{stored} ({whole}), dropped for lack of buffer space: {dropped}"
+                )
         if c.get("exit_code") not in (0, -15) or c.get("log_problems"):
             problems = "; ".join(c["log_problems"]) or "clean"
             out.append(f"- variant {key}: server exit code {c.get('exit_code')}; log: {problems}")
