@@ -10,6 +10,7 @@ field escapes the scan. It needs no private key; with one it also opens a sample
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from redis.exceptions import ResponseError
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import InvalidRecord
 from .keyspace import Keyspace, index_member, split_group
-from .sealing import read_envelope
+from .sealing import envelope_time_ns, read_envelope
 from .settings import RETENTION_CEILING
 from .store import eviction_policy
 
@@ -106,7 +107,8 @@ class Auditor:
         self._progress = progress
         self._sample_size = sample
         self._sample: list[tuple[int, bytes]] = []  # (shard, sealed record), a uniform sample
-        self._seen = 0
+        self._seen = 0  # records offered to the sample so far
+        self._weight, self._next_kept = 0.0, 0  # algorithm L's state once the sample is full
         self._groups: dict[str, dict[bytes, int]] = {}  # record stream -> entry id -> records
         # record stream -> index members as (entry id, records named, highest position)
         self._refs: dict[str, list[tuple[bytes, int, int]]] = {}
@@ -259,7 +261,12 @@ class Auditor:
             if kind == "rec":
                 self._check_ages(key, kind_of_value, value, now, age)
             clean = self._clean
-            for where, text in self._clear_texts(key, kind, _parts(kind_of_value, value)):
+            texts = (
+                self._index_texts(key, value)
+                if kind == "ix" and kind_of_value == "zset"
+                else self._clear_texts(key, kind, _parts(kind_of_value, value))
+            )
+            for where, text in texts:
                 scanned += 1
                 if text in clean:  # counter fields repeat in every bucket: scanned once
                     continue
@@ -270,15 +277,27 @@ class Auditor:
                     clean.add(text)
         return scanned
 
-    def _keep_in_sample(self, shard: int, blob: bytes) -> None:
-        """Reservoir sampling: every record has the same chance to be opened."""
-        self._seen += 1
-        if len(self._sample) < self._sample_size:
+    def _keep_in_sample(self, shard: int, blobs: list[bytes]) -> None:
+        """Reservoir sampling: every record has the same chance to be opened.
+
+        Li's algorithm L: after the reservoir is full it draws how many records to skip before
+        the next one it keeps, so a million records cost a few hundred draws, not a million.
+        """
+        first, size = self._seen, self._sample_size
+        self._seen += len(blobs)
+        for blob in blobs[: max(0, size - first)]:
             self._sample.append((shard, blob))
-            return
-        slot = random.randrange(self._seen)
-        if slot < self._sample_size:
-            self._sample[slot] = (shard, blob)
+        if first < size <= self._seen:  # just filled: the first skip
+            self._weight = math.exp(math.log(_unit()) / size)
+            self._next_kept = size + self._skip()
+        while 0 < size <= self._seen and self._next_kept <= self._seen:
+            self._sample[random.randrange(size)] = (shard, blobs[self._next_kept - first - 1])
+            self._weight *= math.exp(math.log(_unit()) / size)
+            self._next_kept += self._skip()
+
+    def _skip(self) -> int:
+        """1 + how many records go by before the next one the reservoir keeps."""
+        return math.floor(math.log(_unit()) / math.log(1 - self._weight)) + 1
 
     async def eviction(self) -> Check:
         """Eviction could drop high-water marks (a retry then counts twice) or counters."""
@@ -317,16 +336,39 @@ class Auditor:
         for entry_id, fields in entries:
             try:
                 blobs = split_group(fields.get(b"r", b""))
-                made = [read_envelope(blob).time_ns // 1_000_000_000 for blob in blobs]
+                made = [envelope_time_ns(blob) // 1_000_000_000 for blob in blobs]
             except (InvalidRecord, ValueError):
                 check.problems.append(f"{key} holds a value that is not a sealed record")
                 continue
             groups[entry_id] = len(blobs)
             if self._reader is not None:
-                for blob in blobs:
-                    self._keep_in_sample(shard, blob)
+                self._keep_in_sample(shard, blobs)
             if made and now - min(made) > RETENTION_CEILING:
                 check.problems.append(f"{key} holds a record {now - min(made)} s old")
+
+    def _index_texts(self, key: str, members: list[bytes]) -> list[tuple[str, str]]:
+        """A slice index's members noted for the index check; the text among them to scan.
+
+        A member is keyed identifiers, an entry id and positions: only an entry id that is not
+        one Redis makes is text worth scanning (``keyspace.index_member``).
+        """
+        stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
+        refs = self._refs.setdefault(stream, [])
+        out, generated = [], set()
+        for member in members:
+            try:
+                _, entry, positions = index_member(member)
+            except ValueError:
+                refs.append((b"", 0, -1))  # reported by the index check
+                continue
+            # Positions ascend: the last one is the highest (how many, which is highest).
+            refs.append((entry, len(positions) // 2, int.from_bytes(positions[-2:], "big")))
+            if entry not in generated:
+                if _GENERATED.fullmatch(entry):
+                    generated.add(entry)
+                else:
+                    out.append(("member", _text(entry)))
+        return out
 
     def _clear_texts(
         self, key: str, kind: str, parts: list[tuple[str, bytes]]
@@ -334,13 +376,9 @@ class Auditor:
         """Every clear (non-ciphertext) part of a key's value that could hold text, as text.
 
         What meterwall itself writes in a fixed form is checked for that form instead of being
-        scanned: stream entry ids and record counts, and the entry id ending an index member.
+        scanned: stream entry ids and record counts (index members: ``_index_texts``).
         """
         out = []
-        refs = None
-        if kind == "ix":
-            stream = key[: key.rindex(":ix:")] + ":rec:" + key.rsplit(":", 1)[1]
-            refs = self._refs.setdefault(stream, [])
         for part, value in parts:
             if (part == "value" and kind in ("dk", "epk", "uqk")) or part == "sealed":
                 continue  # wrapped keys and sealed records are ciphertext
@@ -349,17 +387,6 @@ class Auditor:
                 or (part in ("entry id", "value") and _GENERATED.fullmatch(value))
             ):
                 continue  # the field names n and r, record counts and entry ids: nothing else
-            if part == "member" and refs is not None:
-                try:
-                    _, entry, positions = index_member(value)
-                except ValueError:
-                    refs.append((b"", 0, -1))  # reported by the index check
-                    continue
-                # Positions ascend: the last one is the highest (how many, which is highest).
-                refs.append((entry, len(positions) // 2, int.from_bytes(positions[-2:], "big")))
-                if _GENERATED.fullmatch(entry):
-                    continue
-                value = entry
             out.append((part, _text(value)))
         return out
 
@@ -428,6 +455,11 @@ def _parts(kind_of_value: str, value: Any) -> list[tuple[str, bytes]]:
             for name, field_value in fields.items():
                 parts += [("field", name), ("sealed" if name == b"r" else "value", field_value)]
     return parts
+
+
+def _unit() -> float:
+    """A uniform draw in (0, 1): logarithms of it are finite."""
+    return random.random() or 5e-324
 
 
 def _shard_of(key: str) -> int:

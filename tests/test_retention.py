@@ -193,3 +193,29 @@ async def test_persistence_check_fails_with_aof_until_purge_requests_a_rewrite(
     finally:
         await client.aclose()
         server.stop()
+
+
+def test_the_audit_sample_gives_every_record_the_same_chance() -> None:
+    """Algorithm L skips ahead between kept records; over many audits each record of 100,
+    offered in uneven groups, lands in a sample of 10 about equally often."""
+    import collections
+    import random as stdlib_random
+
+    def sample(size: int, groups: list[int]) -> list[int]:
+        auditor = Auditor(None, None, sample=size)  # type: ignore[arg-type]
+        offered = 0
+        for n in groups:
+            auditor._keep_in_sample(0, [bytes([i]) for i in range(offered, offered + n)])
+            offered += n
+        return [blob[0] for _, blob in auditor._sample]
+
+    stdlib_random.seed(3)
+    counts: collections.Counter[int] = collections.Counter()
+    for _ in range(4000):
+        kept = sample(10, [3, 7, 1, 40, 25, 24])
+        assert len(set(kept)) == 10
+        counts.update(kept)
+    assert len(counts) == 100
+    assert 320 <= min(counts.values()) <= max(counts.values()) <= 480  # 400 expected, sd 19
+    assert sorted(sample(10, [5])) == [0, 1, 2, 3, 4]
+    assert sample(0, [5]) == []
