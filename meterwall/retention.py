@@ -42,7 +42,8 @@ _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}
 _CREDENTIAL = re.compile(
     r"(?i)(?:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
-    r"|\b(?:password|passwd|secret|api[_-]?key|token)\b[\"']?\s*[:=]\s*[\"']?(?!\*\*\*)[^\s\"'&,}]{3,}"
+    r"|(?<![A-Za-z0-9])(?:password|passwd|secret|api[_-]?key|token)\b[\"']?\s*[:=]\s*[\"']?"
+    r"(?!\*\*\*)[^\s\"'&,}]{3,}"
 )
 _RAW_KINDS = ("rec", "ix")
 #: Words without which ``_CREDENTIAL`` cannot match (a cheap test before the regexes).

@@ -170,6 +170,8 @@ def test_plaintext_findings_validate_what_they_report() -> None:
     # Each pattern runs only behind a cheap precondition: none of them may hide a finding.
     assert plaintext_findings("Authorization BEARER abcdefghij1234") != []
     assert plaintext_findings("api_key=abcdef123") != []
+    assert plaintext_findings("x_api_key=abcdef123") != []  # a prefix joined by "_" too
+    assert plaintext_findings("x_api_key=***") == []
     assert plaintext_findings("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0") != []
     assert plaintext_findings("lat:12␟acme␟/items/{id}␟GET␟200␟requests") == []
 
