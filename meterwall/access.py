@@ -203,8 +203,7 @@ class AccessControl:
                     self.degraded_decisions += 1
                     return None, Decision(503, "store-unavailable", degraded=True), False
             else:
-                if state != "malformed" and started == self._forgotten:  # no race with a revocation
-                    self._remember(digest, key, state)
+                self._keep(digest, key, state, started)
         if key is None:
             reason = "malformed" if state == "malformed" else "invalid-key"
             return None, Decision(401, reason), False
@@ -418,15 +417,22 @@ class AccessControl:
         task.add_done_callback(self._background.discard)
 
     async def _look_up_again(self, presented: str, digest: bytes, forgotten: int) -> None:
+        """The background half of ``_refresh_ahead``: the same shared lookup a request makes
+        (requests that miss meanwhile wait for it instead of starting their own)."""
         try:
-            store = KeyStore(self._redis, self._keyspace, self._server_key)
-            key, state = await store.verify(presented, int(time.time()))
+            lookup, _ = self._lookup(presented, digest, int(time.time()))
+            key, state = await asyncio.shield(lookup)
         except Exception:  # the entry lapses as it would have; the failure policy applies then
             return
         finally:
             self._refreshing.discard(digest)
-        if state != "malformed" and forgotten == self._forgotten:
-            self._remember(digest, key, state)  # (a revocation meanwhile: the next request asks)
+        self._keep(digest, key, state, forgotten)
+
+    def _keep(self, digest: bytes, key: ApiKey | None, state: str, since: int) -> None:
+        """Cache a lookup's answer unless an invalidation came after ``since`` (the count when
+        the lookup was asked for): it may predate a revocation, and the next request asks."""
+        if state != "malformed" and since == self._forgotten:
+            self._remember(digest, key, state)
 
     def forget(self, key_id: str) -> None:
         self._forgotten += 1
