@@ -40,6 +40,7 @@ KEEP_S = 10.0  # acknowledged batches are kept this long (a Redis restart may un
 ROTATE_S = 2.0  # a new segment at most this often
 MAX_AGE_S = 24 * 3600  # an abandoned journal older than the retention ceiling is dropped
 _HEAD = struct.Struct(">IB")  # length of the body, kind
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per writev
 DELTA, SNAPSHOT, TAKEN, BATCH, APPLIED = b"D"[0], b"S"[0], b"M"[0], b"P"[0], b"A"[0]
 HIGH = b"H"[0]  # the writer's highest batch number so far (a new segment must not forget it)
 # A DELTA body is the msgpack array of ``Meter.add``'s ten arguments. ``FileJournal.delta``
@@ -148,11 +149,15 @@ class FileJournal:
         self._opened_at = time.monotonic()
 
     def _write(self, *entries: tuple[int, Any]) -> None:
-        buffer = bytearray()
+        """Entries in one system call (a marker never lands without the batches it marks),
+        each written from where msgpack packed it: a flush's batches are not copied again."""
+        buffers: list[bytes] = []
         for kind, body in entries:
             packed = msgpack.packb(body, use_bin_type=True)
-            buffer += _HEAD.pack(len(packed), kind) + packed
-        os.write(self._fd, buffer)
+            buffers += [_HEAD.pack(len(packed), kind), packed]
+        if len(buffers) > _IOV_MAX:  # a compaction after a long outage: one joined buffer
+            buffers = [b"".join(buffers)]
+        os.writev(self._fd, buffers)
 
     def delta(self, row: Sequence[Any]) -> None:
         """One ``write`` per request, and cheap to encode: the same DELTA entry as
@@ -177,19 +182,12 @@ class FileJournal:
         os.write(self._fd, b"".join((head, start, names, counts, tail)))
 
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
-        """The taken-deltas marker and the batches in one ``writev`` (the marker never lands
-        without its batches), each entry written from where msgpack packed it."""
         self._top = max(self._top, seq)
-        buffers: list[bytes] = []
-        if took_deltas:
-            marker = msgpack.packb(seq)
-            buffers += [_HEAD.pack(len(marker), TAKEN), marker]
+        entries: list[tuple[int, Any]] = [(TAKEN, seq)] if took_deltas else []
         for shard, payload in batches.items():
-            entry = msgpack.packb([seq, shard, payload], use_bin_type=True)
-            buffers += [_HEAD.pack(len(entry), BATCH), entry]
+            entries.append((BATCH, [seq, shard, payload]))
             self._batches[(seq, shard)] = (payload, 0.0, self._segment)
-        if buffers:
-            os.writev(self._fd, buffers)
+        self._write(*entries)  # one write: the marker never lands without its batches
 
     def applied(self, writer: str, shard: int, seq: int) -> None:
         known = self._batches.get((seq, shard))

@@ -219,3 +219,21 @@ async def test_the_journal_stays_small_while_redis_is_away(settings: Settings) -
             month = datetime.now(UTC).strftime("%Y-%m")
             rows = await UsageReader(direct, own.keyspace()).totals("acme", month, [])
     assert sum(r["requests"] for r in rows) == 3000
+
+
+def test_a_compaction_after_a_long_outage_writes_every_batch_still_in_flight(
+    tmp_path: Path,
+) -> None:
+    """More entries than one ``writev`` takes (thousands of unsent batches): all of them land."""
+    journal = FileJournal(tmp_path, "w7", rotate_s=0)
+    for seq in range(1, 3001):
+        journal.packed("w7", seq, {seq % 16: b"batch %d" % seq}, took_deltas=False)
+    journal.compact({})
+    journal.close(clean=False)
+    [orphan] = list(orphans(tmp_path, "live"))
+    batches, _, top = orphan.read()
+    assert [(seq, payload) for seq, _, payload in batches] == [
+        (seq, b"batch %d" % seq) for seq in range(1, 3001)
+    ]
+    assert top == 3000
+    orphan.abandon()
