@@ -46,9 +46,9 @@ _CREDENTIAL = re.compile(
     r"(?!\*\*\*)[^\s\"'&,}]{3,}"
 )
 _RAW_KINDS = ("rec", "ix")
-#: Words without which ``_CREDENTIAL`` cannot match (a cheap test before the regexes).
 _CLEAN_TEXTS_KEPT = 200_000  # distinct clean texts an audit remembers (a few tens of MiB)
-#: A word every match of _CREDENTIAL contains (a superset: only decides whether it runs).
+#: A word every match of ``_CREDENTIAL`` contains (a superset: it only decides whether the
+#: pattern runs at all).
 _CREDENTIAL_HINTS = re.compile(r"(?i)bearer|basic|passw|secret|api|token|eyJ")
 
 

@@ -36,7 +36,7 @@ VERSION = 1
 HOUR_NS = 3600 * 1_000_000_000
 _HEADER = struct.Struct(">B8sQ16s")  # version, key id, time ns, record id
 _HEADER_LEN = _HEADER.size + 12  # plus the nonce
-_TIME, _TIME_AT = struct.Struct(">Q"), 9  # the time inside the header
+_TIME, _TIME_AT = struct.Struct(">Q"), struct.calcsize(">B8s")  # after the version and key id
 _WRAP = struct.Struct(">BQ")  # wrap format version, hour
 _SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
 
