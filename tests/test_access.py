@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from hashlib import blake2b
 from typing import Any
 
@@ -63,11 +65,18 @@ async def make_key(redis, settings, **options: Any) -> tuple[Any, str]:
     return await store.create(options.pop("consumer", "acme"), **options)
 
 
-async def call(app: Meterwall, *requests: tuple[str, str, dict[str, str]]) -> list[httpx.Response]:
+@contextlib.asynccontextmanager
+async def serving(app: Meterwall) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` served in process, with its lifespan (startup and shutdown) run."""
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app, client=("127.0.0.1", 4000))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return [await client.request(m, path, headers=h) for m, path, h in requests]
+            yield client
+
+
+async def call(app: Meterwall, *requests: tuple[str, str, dict[str, str]]) -> list[httpx.Response]:
+    async with serving(app) as client:
+        return [await client.request(m, path, headers=h) for m, path, h in requests]
 
 
 async def test_every_answer_with_its_headers_and_body(redis, access_settings) -> None:
@@ -135,18 +144,16 @@ async def test_a_revocation_reaches_a_running_worker_within_a_second(
     meta, full = await make_key(redis, access_settings)
     app = Meterwall(api_app, settings=access_settings)
     headers = {"Authorization": f"Bearer {full}"}
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            assert (await client.get("/items/1", headers=headers)).status_code == 200  # cached
-            assert app.access is not None
-            app.access.key_event.clear()
-            store = KeyStore(redis, access_settings.keyspace(), app.access._server_key)
-            await asyncio.wait_for(app.access.listening.wait(), timeout=1.0)
-            await store.revoke(meta.id)
-            await asyncio.wait_for(app.access.key_event.wait(), timeout=1.0)
-            reply = await client.get("/items/1", headers=headers)
-            assert (reply.status_code, reply.json()["detail"]) == (401, "revoked")
+    async with serving(app) as client:
+        assert (await client.get("/items/1", headers=headers)).status_code == 200  # cached
+        assert app.access is not None
+        app.access.key_event.clear()
+        store = KeyStore(redis, access_settings.keyspace(), app.access._server_key)
+        await asyncio.wait_for(app.access.listening.wait(), timeout=1.0)
+        await store.revoke(meta.id)
+        await asyncio.wait_for(app.access.key_event.wait(), timeout=1.0)
+        reply = await client.get("/items/1", headers=headers)
+        assert (reply.status_code, reply.json()["detail"]) == (401, "revoked")
 
 
 @pytest.mark.parametrize("policy", ["open", "closed"])
@@ -325,23 +332,21 @@ async def test_a_key_in_use_is_looked_up_again_before_its_cache_entry_lapses(
     _, full = await make_key(redis, access_settings)
     app = Meterwall(api_app, settings=access_settings)
     headers = {"Authorization": f"Bearer {full}"}
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            assert (await client.get("/items/1", headers=headers)).status_code == 200
-            access = app.access
-            assert access is not None
-            [(digest, (_, key))] = access._cache.items()
-            access._cache[digest] = (time.monotonic() + 1.0, key)  # about to lapse
-            assert (await client.get("/items/1", headers=headers)).status_code == 200
-            assert access._refreshing == {digest}  # looked up again, in the background
-            await asyncio.gather(*access._background)
-            assert access._cache[digest][0] > time.monotonic() + CACHE_SECONDS - 5  # renewed
-            access._cache[digest] = (time.monotonic() + 1.0, key)
-            access._refresh_ahead(full, digest)
-            access.forget("some other key")  # an invalidation while the lookup is in flight
-            await asyncio.gather(*access._background)
-            assert access._cache[digest][0] < time.monotonic() + 2  # not renewed by that lookup
+    async with serving(app) as client:
+        assert (await client.get("/items/1", headers=headers)).status_code == 200
+        access = app.access
+        assert access is not None
+        [(digest, (_, key))] = access._cache.items()
+        access._cache[digest] = (time.monotonic() + 1.0, key)  # about to lapse
+        assert (await client.get("/items/1", headers=headers)).status_code == 200
+        assert access._refreshing == {digest}  # looked up again, in the background
+        await asyncio.gather(*access._background)
+        assert access._cache[digest][0] > time.monotonic() + CACHE_SECONDS - 5  # renewed
+        access._cache[digest] = (time.monotonic() + 1.0, key)
+        access._refresh_ahead(full, digest)
+        access.forget("some other key")  # an invalidation while the lookup is in flight
+        await asyncio.gather(*access._background)
+        assert access._cache[digest][0] < time.monotonic() + 2  # not renewed by that lookup
 
 
 async def test_a_lookup_that_races_a_revocation_answers_but_is_not_cached(
