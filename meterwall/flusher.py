@@ -61,6 +61,7 @@ BATCH_VERSION = 4  # the packed batch format lua/apply_batch.lua accepts
 _REGISTRY_EVERY = 10.0  # seconds between reads of the consumer registry
 _RESTRICTIONS_EVERY = 1.0  # seconds between reads of the restriction list
 _ADOPT_EVERY = 5.0  # seconds between looks for dead writers' journals
+_TRIM_EVERY = 10  # seconds between a writer's requests to trim one shard's expired slices
 _EXCHANGE_OVERHEAD = 512  # bytes a queued exchange costs beyond its captured body (estimate)
 _SLICE_NS = 200_000  # the flusher gives the loop back at least every 0.2 ms of sealing
 
@@ -128,6 +129,7 @@ class Flusher:
         self._uniques_day = -1
         self._uniques_key = ("", b"")
         self._uniques_members: dict[bytes, bytes] = {}
+        self._trim_at: dict[int, int] = {}  # shard -> when (clock s) to ask for a trim again
         self._consumers: dict[str, Consumer] = {}
         self._next_registry_read = 0.0
         self._weights = settings.route_weights
@@ -521,11 +523,12 @@ class Flusher:
                 else:
                     known[0] += value
         uniques: dict[int, list[list[Any]]] = {}
-        for bucket, members in self._uniques.items():
-            shard = self.keyspace.shard_of(bucket.rsplit(":", 1)[0])
-            expire_at = int(time.time()) + int(self.settings.retention_day)
-            uniques.setdefault(shard, []).append([bucket, b"".join(members), expire_at])
-        self._uniques.clear()
+        if counters_due:  # with the counters: not two more commands in every record batch
+            for bucket, members in self._uniques.items():
+                shard = self.keyspace.shard_of(bucket.rsplit(":", 1)[0])
+                expire_at = int(time.time()) + int(self.settings.retention_day)
+                uniques.setdefault(shard, []).append([bucket, b"".join(members), expire_at])
+            self._uniques.clear()
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
@@ -541,7 +544,8 @@ class Flusher:
             counters = self._counters.pop(shard, {})
             shard_stats = stats if shard == 0 else []
             payload = self._payload(self.writer, self._seq, counters, groups, data_keys,
-                                    shard_stats, uniques.get(shard, []))  # fmt: skip
+                                    shard_stats, uniques.get(shard, []),
+                                    self._trim_due(shard))  # fmt: skip
             self._pending[shard] = (self._seq, payload, count)
             batches[shard] = payload
         self._forget_data_keys()
@@ -552,18 +556,29 @@ class Flusher:
 
     def _payload(
         self, writer: str, seq: int, counters: dict[Any, list[int]], groups: list[list[Any]],
-        data_keys: list[list[Any]], stats: list[list[Any]], uniques: list[Any],
+        data_keys: list[list[Any]], stats: list[list[Any]], uniques: list[Any], trim: bool,
     ) -> bytes:  # fmt: skip
         """One shard's packed batch, as ``lua/apply_batch.lua`` reads it."""
         packed: bytes = msgpack.packb(
             [
                 BATCH_VERSION, writer, seq, self._retention,
                 [[kind, bucket, name, n, at] for (kind, bucket, name), (n, at) in counters.items()],
-                groups, data_keys, stats, uniques, int(self.settings.lateness),
+                groups, data_keys, stats, uniques, int(self.settings.lateness), int(trim),
             ],
             use_bin_type=False,  # Redis's cmsgpack reads raw strings, not the bin type
         )  # fmt: skip
         return packed
+
+    def _trim_due(self, shard: int) -> bool:
+        """Whether this batch asks the script to trim the shard's expired slices: every
+        ``_TRIM_EVERY`` s per shard (and on a writer's first batch). Expiries do the work; the
+        trim only catches one that was missed, so it need not cost a command in every batch."""
+        now = self.clock.now_ns() // 1_000_000_000
+        due_at = self._trim_at.get(shard, 0)
+        if due_at - _TRIM_EVERY <= now < due_at:  # (a clock set back does not postpone it)
+            return False
+        self._trim_at[shard] = now + _TRIM_EVERY
+        return True
 
     def _data_keys(self, records: Iterable[Sealed]) -> list[list[Any]]:
         """The wrapped data keys the records need; the script stores each once (SET NX)."""
@@ -624,7 +639,8 @@ class Flusher:
                     for key, (value, expire_at) in rows.items():
                         merged.setdefault(key, [0, expire_at])[0] += value
                 for shard, counters in by_shard.items():  # one more batch of the dead writer
-                    payload = self._payload(orphan.writer, top + 1, counters, [], [], [], [])
+                    payload = self._payload(orphan.writer, top + 1, counters, [], [], [], [],
+                                            trim=False)  # fmt: skip
                     await self._apply_one(redis, shard, payload)
             except (RedisError, OSError):
                 orphan.abandon()

@@ -252,3 +252,33 @@ async def test_an_earlier_hours_data_key_is_held_only_while_its_records_wait(
         {clock.now_ns() // HOUR_NS - 1, clock.now_ns() // HOUR_NS}
     )  # both opened with the private key
     await mw.aclose()
+
+
+async def script_commands(redis: aioredis.Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def test_a_record_batch_to_a_known_slice_costs_redis_seven_commands(
+    redis, settings, private_key
+) -> None:
+    """The flush script's work in a steady state: no trim, no unique-client count (they go
+    with the counters), no expiry for a stream or slice list that already has one."""
+    clock = FixedClock(time.time_ns())
+    mw = Meterwall(ok_app, settings=settings.replace(counter_flush_interval=300), clock=clock)
+    await mw(http_scope(), body_receive(), _discard)
+    assert await mw.flusher.flush() is True  # the slice, its expiries, a trim, the counters
+    before = await script_commands(redis)
+    for _ in range(3):
+        await mw(http_scope(), body_receive(), _discard)
+    assert await mw.flusher.flush_once() is True  # as the flusher task does: counters not due
+    after = await script_commands(redis)
+    spent = {name: after[name] - before.get(name, 0) for name in after}
+    script = {"evalsha", "time", "set", "get", "xadd", "zadd", "expireat", "expire", "pfadd",
+              "hincrby", "zrangebyscore", "exists"}  # fmt: skip
+    assert {k: v for k, v in spent.items() if k in script and v} == {
+        "evalsha": 1, "time": 1, "set": 2, "xadd": 1, "zadd": 2, "expireat": 1,
+    }  # SET: the high-water mark and the data key (NX); ZADD: the index and the slice list
+    await mw.aclose()
+    assert await RecordReader(redis, settings, private_key, clock=clock).count() == 4
+    assert await requests_in_redis(redis, settings) == 4  # the closing flush sent the counts

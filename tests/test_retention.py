@@ -53,18 +53,55 @@ async def test_the_flush_script_refuses_records_already_past_the_ceiling(
     assert int(stats[b"records_expired_before_store"]) == 4
 
 
-async def test_every_flush_trims_slices_past_the_ceiling(redis, settings) -> None:
+async def plant_expired_slice(redis: aioredis.Redis, settings) -> tuple[str, str, int]:
+    """A slice past the ceiling whose expiry was missed: what the trim must remove."""
     keyspace = settings.keyspace()
     old_slice = keyspace.slice_start(int(time.time()) - DAY - 600)
     old_key, old_index = keyspace.records(0, old_slice), keyspace.index(0, old_slice)
-    await redis.xadd(old_key, {"n": 1, "r": b"x"})  # as if an expiry had been missed
+    await redis.xadd(old_key, {"n": 1, "r": b"x"})
     await redis.zadd(old_index, {b"member": 0})
     await redis.zadd(keyspace.slices(0), {str(old_slice): old_slice})
-    mw = Meterwall(ok_app, settings=settings)
+    return old_key, old_index, old_slice
+
+
+async def test_a_writer_trims_slices_past_the_ceiling_first_then_every_ten_seconds(
+    redis, settings
+) -> None:
+    keyspace = settings.keyspace()
+    old_key, old_index, old_slice = await plant_expired_slice(redis, settings)
+    clock = FixedClock(time.time_ns())
+    mw = Meterwall(ok_app, settings=settings, clock=clock)
+    await serve(mw, 1)
+    assert await mw.flusher.flush() is True
+    assert await redis.exists(old_key, old_index) == 0  # trimmed by the writer's first batch
+    assert await redis.zscore(keyspace.slices(0), str(old_slice)) is None
+
+    await plant_expired_slice(redis, settings)
+    clock.advance(9)
+    await serve(mw, 1)
+    assert await mw.flusher.flush() is True
+    assert await redis.exists(old_key, old_index) == 2  # not asked for again within 10 s
+    clock.advance(1)
     await serve(mw, 1)
     await mw.aclose()
-    assert await redis.exists(old_key, old_index) == 0  # trimmed by the next flush
+    assert await redis.exists(old_key, old_index) == 0
     assert await redis.zscore(keyspace.slices(0), str(old_slice)) is None
+
+
+async def test_a_slice_stream_deleted_under_the_writer_comes_back_with_an_expiry(
+    redis, settings
+) -> None:
+    mw = Meterwall(ok_app, settings=settings)
+    await serve(mw, 2)
+    assert await mw.flusher.flush() is True
+    keyspace = settings.keyspace()
+    [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
+    record_key = keyspace.records(0, int(slice_name))
+    await redis.delete(record_key)  # the slice list still names it: no "new slice" to see
+    await serve(mw, 2)
+    await mw.aclose()
+    assert await redis.xlen(record_key) == 1  # one entry: the second flush's group
+    assert 0 < await redis.ttl(record_key) <= DAY
 
 
 async def test_a_writer_whose_clock_runs_fast_cannot_extend_retention(redis, settings) -> None:

@@ -4,7 +4,7 @@
 --          its hash slot on Redis Cluster)
 -- ARGV[1]  msgpack (bytes packed as raw strings: cmsgpack has no bin type):
 --          {version = 4, writer, seq, retention_s, counters, records, data_keys, stats,
---           uniques, lateness_s}
+--           uniques, lateness_s, trim}
 --   counters  {{kind, bucket, field, delta, expire_at}, ...}: kind 1 = 15 minutes and 2 = hour
 --             (bucket = start time; hash of the shard), 3 = day and 4 = month in the consumer's
 --             billing zone (bucket = "consumer:YYYY-MM-DD" or "consumer:YYYY-MM")
@@ -17,6 +17,8 @@
 --             positions, so a repeated address or consumer costs bytes, not members.
 --   data_keys {{key_id_hex, wrapped_key, expire_at}, ...}
 --   stats     {{field, delta}, ...}
+--   trim      1: remove the slices past the ceiling now; 0: not this time (a writer asks every
+--             few seconds per shard, not with every batch); absent (older writers): 1
 --
 -- Redis does not roll a script back, so the whole input is validated before the first write.
 -- The batch is applied only if seq is above the writer's high-water mark for this shard: a
@@ -37,8 +39,9 @@ end
 if retention > 86400 then return bad('retention above the 24-hour ceiling') end
 local now = tonumber(redis.call('TIME')[1])
 local counters, records, dkeys, stats, uniques = b[5], b[6], b[7], b[8], b[9]
-local lateness = b[10]
+local lateness, trim = b[10], b[11]
 if type(lateness) ~= 'number' or lateness < 1 then return bad('lateness') end
+if trim ~= nil and trim ~= 0 and trim ~= 1 then return bad('trim') end
 for _, t in ipairs({counters, records, dkeys, stats, uniques}) do
   if type(t) ~= 'table' then return bad('sections') end
 end
@@ -70,10 +73,15 @@ for _, s in ipairs(stats) do
   if type(s[1]) ~= 'string' or type(s[2]) ~= 'number' then return bad('stats') end
 end
 
+-- One command in the usual case: SET ... GET answers the old mark, which a duplicate (rare:
+-- a retry or a replay) puts back.
 local hwm_key = p .. 'hwm:' .. writer
-local hwm = tonumber(redis.call('GET', hwm_key) or '0')
-if seq <= hwm then return {'duplicate', tostring(hwm)} end
-redis.call('SET', hwm_key, string.format('%d', seq), 'EX', 172800)
+local old_hwm = redis.call('SET', hwm_key, string.format('%d', seq), 'EX', 172800, 'GET')
+local hwm = tonumber(old_hwm or '0')
+if seq <= hwm then
+  redis.call('SET', hwm_key, old_hwm, 'EX', 172800)
+  return {'duplicate', tostring(hwm)}
+end
 
 -- A closed month is never changed silently: its month deltas become adjustments, its day
 -- deltas are left out (the day series stays equal to the closed snapshot). Deltas for a
@@ -122,8 +130,11 @@ for _, k in ipairs(dkeys) do
 end
 
 -- One stream entry per slice group (never one per record) and variadic ZADDs: the work
--- inside Redis grows with the number of index entries, not with redis.call overhead.
-local stored, expired = 0, 0
+-- inside Redis grows with the number of index entries, not with redis.call overhead. A slice's
+-- stream gets its expiry when it is created (XADD NOMKSTREAM answers nil while it does not
+-- exist), the slice list whenever it gains a slice; the index gets it with every write, since
+-- an erasure that empties an index makes Redis delete it.
+local stored, expired, new_slices = 0, 0, 0
 for _, r in ipairs(records) do
   local expire_at = math.min(r[1] + retention, now + retention)
   if expire_at <= now then
@@ -132,8 +143,11 @@ for _, r in ipairs(records) do
     local slice = string.format('%d', r[1])
     local at = string.format('%d', expire_at)
     local rec = p .. 'rec:' .. slice
-    local id = redis.call('XADD', rec, '*', 'n', r[2], 'r', r[3])
-    redis.call('EXPIREAT', rec, at)
+    local id = redis.call('XADD', rec, 'NOMKSTREAM', '*', 'n', r[2], 'r', r[3])
+    if not id then
+      id = redis.call('XADD', rec, '*', 'n', r[2], 'r', r[3])
+      redis.call('EXPIREAT', rec, at)
+    end
     if #r[4] > 0 then
       local ix = p .. 'ix:' .. slice
       local named = string.char(#id) .. id
@@ -146,7 +160,7 @@ for _, r in ipairs(records) do
       if #args > 0 then redis.call('ZADD', ix, unpack(args)) end
       redis.call('EXPIREAT', ix, at)
     end
-    redis.call('ZADD', p .. 'slices', r[1], slice)
+    new_slices = new_slices + redis.call('ZADD', p .. 'slices', r[1], slice)
     stored = stored + r[2]
   end
 end
@@ -155,13 +169,15 @@ for _, s in ipairs(stats) do
   redis.call('HINCRBY', p .. 'stats', s[1], string.format('%d', s[2]))
 end
 
+if new_slices > 0 then redis.call('EXPIRE', p .. 'slices', retention) end
+
 -- Trim: whatever an expiry missed is removed here, so nothing outlives the ceiling.
-local old = redis.call('ZRANGEBYSCORE', p .. 'slices', '-inf', string.format('%d', now - retention))
-for _, slice in ipairs(old) do
-  redis.call('DEL', p .. 'rec:' .. slice, p .. 'ix:' .. slice)
+if trim ~= 0 then
+  local edge = string.format('%d', now - retention)
+  local old = redis.call('ZRANGEBYSCORE', p .. 'slices', '-inf', edge)
+  for _, slice in ipairs(old) do
+    redis.call('DEL', p .. 'rec:' .. slice, p .. 'ix:' .. slice)
+  end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', p .. 'slices', '-inf', edge) end
 end
-if #old > 0 then
-  redis.call('ZREMRANGEBYSCORE', p .. 'slices', '-inf', string.format('%d', now - retention))
-end
-redis.call('EXPIRE', p .. 'slices', retention)
 return {'applied', stored, expired}
