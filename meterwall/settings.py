@@ -168,7 +168,7 @@ class Settings:
     raw_retention: float = float(RETENTION_CEILING)
     body_limit: int = 16 * 1024
     flush_interval: float = 0.1
-    counter_flush_interval: float = 1.0
+    counter_flush_interval: float = 5.0
     batch_max_records: int = 2000
     buffer_bytes: int = 16 * 1024 * 1024
     shards: int = 16
