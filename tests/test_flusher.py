@@ -277,7 +277,12 @@ async def test_a_record_batch_to_a_known_slice_costs_redis_seven_commands(
     script = {"evalsha", "time", "set", "get", "xadd", "zadd", "expireat", "expire", "pfadd",
               "hincrby", "zrangebyscore", "exists"}  # fmt: skip
     assert {k: v for k, v in spent.items() if k in script and v} == {
-        "evalsha": 1, "time": 1, "set": 2, "xadd": 1, "zadd": 2, "expireat": 1,
+        "evalsha": 1,
+        "time": 1,
+        "set": 2,
+        "xadd": 1,
+        "zadd": 2,
+        "expireat": 1,
     }  # SET: the high-water mark and the data key (NX); ZADD: the index and the slice list
     await mw.aclose()
     assert await RecordReader(redis, settings, private_key, clock=clock).count() == 4

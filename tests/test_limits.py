@@ -315,3 +315,46 @@ async def test_after_an_idle_spell_the_lease_size_is_halved_not_started_again(
     clock.advance(9)  # two idle periods of 4 s
     assert not (await limiter.admit("acme", "", "/x")).reason
     assert tokens.want == busy // 4
+
+
+async def lease(redis: Any, keys: list[str], *args: Any) -> list[int]:
+    from meterwall.limits import LEASE_SCRIPT
+
+    reply = await redis.eval(LEASE_SCRIPT, 2, *keys, *args)
+    return [int(v) for v in reply]
+
+
+async def test_a_lease_the_rate_refuses_takes_no_quota_and_costs_few_commands(
+    redis, settings
+) -> None:
+    """The lease script straight: a quota lease the rate then refuses is never written, and a
+    lease with a settlement reads the quota hash once and writes it once."""
+    prefix = settings.key_prefix
+    keys = [f"{prefix}:rate", f"{prefix}:quota"]
+    now = 1_811_000_000_000  # ms; passed in, as workers with an injected clock do
+    #                       now, interval, burst, rate want/return, quota, want/return, lease, ttl
+    first = await lease(redis, keys, now, 1000, 1, 1, 0, 100, 5, 0, "a", 10_000, 3600, 4, "x", 0, 0)
+    assert first == [1, 0, 1000, 5, 95, 0]  # rate 1 (none left, retry in 1 s), quota 5 of 100
+    refused = await lease(redis, keys, now, 1000, 1, 1, 0, 100, 5, 0, "b", 10_000, 3600, 4,
+                          "a", 2, 0)  # fmt: skip
+    assert (refused[0], refused[5]) == (0, 1)  # refused by the rate
+    assert (refused[3], refused[4]) == (0, 95)  # and no quota taken for it
+    held = await redis.hgetall(keys[1])
+    assert held == {b"used": b"5", b"l:a": f"5:2:{now + 10_000}".encode()}  # "a" reported 2
+
+    before = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
+    settled = await lease(redis, keys, now + 2000, 1000, 1, 1, 0, 100, 5, 0, "c", 10_000, 3600,
+                          4, "a", 3, 1)  # fmt: skip
+    after = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
+    assert settled == [1, 0, 1000, 5, 92, 0]  # "a" settled at 3 spent: 2 back, then 5 more
+    assert await redis.hgetall(keys[1]) == {b"used": b"8",
+                                            b"l:c": f"5:0:{now + 12_000}".encode()}  # fmt: skip
+    spent = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after}
+    assert {k: v for k, v in spent.items() if v and k not in ("eval", "info")} == {
+        "hgetall": 1,
+        "hdel": 1,
+        "hset": 1,
+        "expire": 1,
+        "get": 1,
+        "set": 1,
+    }

@@ -48,42 +48,43 @@ local function share_of(available, want)
   return math.min(want, math.max(1, math.floor(available / share)))
 end
 
--- The quota: settle, reclaim, then grant.
+-- The quota: settle, reclaim, then grant, on one read of the hash (HGETALL); its writes wait
+-- until the rate has answered, which may take the new lease back, and go out as one HDEL and
+-- one HSET. Every command here counts in Redis's command statistics: fewer is cheaper.
 local quota_granted, quota_left, refused = 0, -1, 0
+local held, sets, dels, used = {}, {}, {}, 0
 if quota > 0 then
-  local used = tonumber(redis.call('HGET', KEYS[2], 'used') or '0') - quota_return
+  local fields = redis.call('HGETALL', KEYS[2])
+  for i = 1, #fields, 2 do held[fields[i]] = fields[i + 1] end
+  used = tonumber(held['used'] or '0') - quota_return
   for _, s in ipairs(settle) do
     local field = 'l:' .. s[1]
-    local held = redis.call('HGET', KEYS[2], field)
-    if held then
-      local granted, reported, deadline = string.match(held, '^(%d+):(%d+):(%d+)$')
+    local value = held[field]
+    if value then
+      local granted, reported, deadline = string.match(value, '^(%d+):(%d+):(%d+)$')
       granted, reported = tonumber(granted), tonumber(reported)
       local spent = math.min(granted, math.max(reported, s[2]))
       if s[3] then
         used = used - (granted - spent)
-        redis.call('HDEL', KEYS[2], field)
+        held[field] = nil
+        dels[#dels + 1] = field
       else
-        redis.call('HSET', KEYS[2], field, granted .. ':' .. spent .. ':' .. deadline)
+        held[field] = granted .. ':' .. spent .. ':' .. deadline
+        sets[field] = held[field]
       end
     end
   end
-  local fields = redis.call('HGETALL', KEYS[2])
-  for i = 1, #fields, 2 do
-    local granted, reported, deadline = string.match(fields[i + 1], '^(%d+):(%d+):(%d+)$')
+  for field, value in pairs(held) do -- a lease past its deadline: its worker is gone
+    local granted, reported, deadline = string.match(value, '^(%d+):(%d+):(%d+)$')
     if granted and tonumber(deadline) < now then
       used = used - (tonumber(granted) - tonumber(reported))
-      redis.call('HDEL', KEYS[2], fields[i])
+      held[field], sets[field] = nil, nil
+      dels[#dels + 1] = field
     end
   end
   if used < 0 then used = 0 end
   quota_granted = share_of(quota - used, quota_want)
-  if quota_granted > 0 then
-    used = used + quota_granted
-    redis.call('HSET', KEYS[2], 'l:' .. lease_id, quota_granted .. ':0:' .. (now + ttl))
-  end
-  redis.call('HSET', KEYS[2], 'used', used)
-  redis.call('EXPIRE', KEYS[2], math.max(1, keep_s))
-  quota_left = math.max(0, quota - used)
+  used = used + quota_granted
   if quota_granted == 0 and quota_want > 0 then
     refused = 2
     rate_want = 0 -- no rate token is spent on a refused request
@@ -104,12 +105,22 @@ if interval > 0 then
   if rate_left < 1 then retry_ms = math.max(0, math.ceil(tat + interval - burst * interval - now)) end
   redis.call('SET', KEYS[1], tostring(tat), 'PX', math.max(1, math.ceil(tat - now)) + 1000)
   if quota_granted > 0 and rate_want > 0 and rate_granted == 0 then
-    -- refused by the rate: give the quota lease back at once
-    redis.call('HINCRBY', KEYS[2], 'used', -quota_granted)
-    redis.call('HDEL', KEYS[2], 'l:' .. lease_id)
-    quota_left = quota_left + quota_granted
+    used = used - quota_granted -- refused by the rate: the quota lease is not made
     quota_granted = 0
   end
+end
+
+if quota > 0 then
+  if quota_granted > 0 then sets['l:' .. lease_id] = quota_granted .. ':0:' .. (now + ttl) end
+  if #dels > 0 then redis.call('HDEL', KEYS[2], unpack(dels)) end
+  local args = {'used', used}
+  for field, value in pairs(sets) do
+    args[#args + 1] = field
+    args[#args + 1] = value
+  end
+  redis.call('HSET', KEYS[2], unpack(args))
+  redis.call('EXPIRE', KEYS[2], math.max(1, keep_s))
+  quota_left = math.max(0, quota - used)
 end
 
 return {rate_granted, rate_left, retry_ms, quota_granted, quota_left, refused}
