@@ -119,7 +119,9 @@ if quota > 0 then
     args[#args + 1] = value
   end
   redis.call('HSET', KEYS[2], unpack(args))
-  redis.call('EXPIRE', KEYS[2], math.max(1, keep_s))
+  -- keep_s always names the same moment (a week past the month's end): set once, when the
+  -- hash is new ('used' is never deleted, so a hash that was read had it).
+  if held['used'] == nil then redis.call('EXPIRE', KEYS[2], math.max(1, keep_s)) end
   quota_left = math.max(0, quota - used)
 end
 
