@@ -27,6 +27,9 @@ class Faults:
     # or a slow Redis. Unlike ``delay`` (the request pump sleeps, one chunk after the other), it
     # adds latency without capping throughput: chunks wait side by side in a delay line.
     reply_delay_s: float = 0.0
+    # While set, every reply is swallowed and the connection stays open: a client's commands run
+    # in Redis and it times out waiting (a reply lost on the way, not a connection lost).
+    mute_replies: bool = False
     seed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ class FaultProxy:
                        link: dict[str, Any]) -> None:  # fmt: skip
         with contextlib.suppress(ConnectionError, OSError):
             async for data in self._arrivals(src):
-                if link["swallow"] or link["frozen"]:
+                if link["swallow"] or link["frozen"] or self.faults.mute_replies:
                     continue
                 dst.write(data)
                 await dst.drain()

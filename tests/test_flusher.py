@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from urllib.parse import urlparse
 
@@ -16,54 +15,9 @@ from meterwall.reader import RecordReader
 from meterwall.sealing import HOUR_NS
 from meterwall.types import Message, Receive, Scope, Send
 from meterwall.usage import usage_totals
+from tests.faults import FaultProxy
 from tests.helpers import this_hour
 from tests.test_middleware import _discard, body_receive, http_scope
-
-
-class ReplyDroppingProxy:
-    """A TCP proxy in front of Redis that can swallow Redis's replies (requests still land)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.drop_replies = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> ReplyDroppingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        await self._server.wait_closed()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [client_w, server_w]
-        for task in (
-            asyncio.create_task(self._pump(client_r, server_w, replies=False)),
-            asyncio.create_task(self._pump(server_r, client_w, replies=True)),
-        ):
-            self._tasks.add(task)
-
-    async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await src.read(65536):
-                if replies and self.drop_replies:
-                    continue
-                dst.write(data)
-                await dst.drain()
-        dst.close()
 
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,7 +35,7 @@ async def test_a_flush_retried_after_a_lost_reply_is_not_counted_twice(
 ) -> None:
     port = urlparse(settings.redis_url).port
     assert port is not None
-    async with ReplyDroppingProxy(port) as proxy:
+    async with FaultProxy(port) as proxy:
         proxied = settings.replace(
             redis_url=f"redis://127.0.0.1:{proxy.port}/0",
             redis_timeout=0.3,
@@ -93,11 +47,11 @@ async def test_a_flush_retried_after_a_lost_reply_is_not_counted_twice(
         assert await mw.flusher.flush_once() is True  # epoch key and shard count settled
         for _ in range(10):
             await mw(http_scope(), body_receive(), _discard)
-        proxy.drop_replies = True
+        proxy.faults.mute_replies = True
         assert await mw.flusher.flush_once() is False  # the reply never came: a timeout
         assert "Timeout" in (mw.flusher.last_error or "")
         assert await requests_in_redis(redis, settings) == 11  # ...but the batch did land
-        proxy.drop_replies = False
+        proxy.faults.mute_replies = False
         assert await mw.aclose() is True  # re-sends the same batch: "duplicate", a success
     assert await requests_in_redis(redis, settings) == 11
     assert len(await RecordReader(redis, settings, private_key).records()) == 11
