@@ -160,6 +160,15 @@ class Keyspace:
         """Pub/sub channel: key ids whose metadata changed (revoked, rotated)."""
         return f"{self.prefix}:key-events"
 
+    def export_state(self, sink: str, month: str) -> str:
+        """Hash: a sink's deliveries of one month, field ``<kind>:<consumer>`` (kind ``closed``
+        or ``running``), so that a consumer's erasure finds them whatever the sink."""
+        return f"{self.prefix}:export:{sink}:{month}"
+
+    def export_states(self) -> str:
+        """A SCAN pattern matching every sink's ``export_state`` hashes."""
+        return f"{self.prefix}:export:*"
+
     def epoch_keys(self, hour: int) -> str:
         return f"{self.prefix}:epk:{hour}"
 

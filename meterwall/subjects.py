@@ -163,6 +163,17 @@ class SubjectRights:
                 if fields:
                     await self._redis.hdel(key, *fields)
                     deleted += 1
+        # What sinks delivered: running totals are live aggregates; a closed month's delivery
+        # (its idempotency key and checksum) goes with the closed months.
+        delivered = {b"running:" + consumer.encode()}
+        if closed_periods:
+            delivered.add(b"closed:" + consumer.encode())
+        async for key in self._redis.scan_iter(match=self._keyspace.export_states()):
+            fields = [f async for f, _ in self._hscan(key, "*:" + _glob(consumer))]
+            doomed_fields = [f for f in fields if f in delivered]
+            if doomed_fields:
+                await self._redis.hdel(key, *doomed_fields)
+                deleted += 1
         return deleted
 
     async def _hscan(self, key: Any, match: str) -> Any:

@@ -85,6 +85,9 @@ async def test_erasing_a_consumer_takes_its_aggregates_only_when_asked(redis, tr
     usage = UsageReader(redis, keyspace)
     month_text = __import__("time").strftime("%Y-%m", __import__("time").gmtime(BOUNDARY))
     assert await usage.totals("acme", month_text, ["route"])
+    deliveries = keyspace.export_state("webhook", month_text)  # what a sink keeps, by consumer
+    await redis.hset(deliveries, mapping=dict.fromkeys(
+        ["closed:acme", "running:acme", "closed:globex", "running:x:acme"], b"{}"))  # fmt: skip
     first = await rights(redis, traffic).erase(consumer="acme")
     assert first["aggregate_keys_deleted"] == 0
     assert await usage.totals("acme", month_text, ["route"])  # billing data kept by default
@@ -93,8 +96,11 @@ async def test_erasing_a_consumer_takes_its_aggregates_only_when_asked(redis, tr
     assert await usage.totals("acme", month_text, ["route"]) == []
     assert await usage.totals("globex", month_text, ["route"])  # another consumer untouched
     assert await redis.exists(closed)  # closed snapshots need their own flag
+    assert sorted(await redis.hkeys(deliveries)) == [b"closed:acme", b"closed:globex",
+                                                     b"running:x:acme"]  # fmt: skip
     await rights(redis, traffic).erase(consumer="acme", aggregates=True, closed_periods=True)
     assert not await redis.exists(closed)
+    assert sorted(await redis.hkeys(deliveries)) == [b"closed:globex", b"running:x:acme"]
     with pytest.raises(ConfigurationError):
         await rights(redis, traffic).erase(ip="203.0.113.7", aggregates=True)
 

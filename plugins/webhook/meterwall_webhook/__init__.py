@@ -432,7 +432,7 @@ class ExportRow:
 
 def state_key(keyspace: Keyspace, period: str) -> str:
     """The hash of one month's webhook deliveries: ``<prefix>:export:webhook:<YYYY-MM>``."""
-    return f"{keyspace.prefix}:export:webhook:{period}"
+    return keyspace.export_state("webhook", period)
 
 
 class WebhookExporter:
