@@ -358,3 +358,28 @@ async def test_a_lease_the_rate_refuses_takes_no_quota_and_costs_few_commands(
         "set": 1,
     }  # no EXPIRE: the quota hash got its expiry when it was made
     assert 0 < await redis.ttl(keys[1]) <= 3600
+
+
+async def test_thousands_of_expired_leases_are_reclaimed_in_one_lease(redis, settings) -> None:
+    """A fleet killed at once leaves a lease per worker and renewal: 9,000 of them are more
+    fields than one Lua ``unpack`` takes; they are all reclaimed and the hash shrinks."""
+    prefix = settings.key_prefix
+    keys = [f"{prefix}:rate", f"{prefix}:quota"]
+    now = 1_811_000_000_000
+    leases = {f"l:w{n}": f"3:1:{now - 1}" for n in range(9000)}  # each: 3 granted, 1 spent
+    await redis.hset(keys[1], mapping={"used": 27_000, **leases})
+    granted = await lease(redis, keys, now, 0, 0, 0, 0, 100_000, 5, 0, "new", 10_000, 3600, 4)
+    assert granted == [0, -1, 0, 5, 100_000 - 9000 - 5, 0]  # 2 of each came back
+    assert await redis.hgetall(keys[1]) == {b"used": b"9005",
+                                            b"l:new": f"5:0:{now + 10_000}".encode()}  # fmt: skip
+
+
+async def test_a_lease_reported_then_settled_in_one_call_is_gone(redis, settings) -> None:
+    prefix = settings.key_prefix
+    keys = [f"{prefix}:rate", f"{prefix}:quota"]
+    now = 1_811_000_000_000
+    await lease(redis, keys, now, 0, 0, 0, 0, 100, 10, 0, "a", 10_000, 3600, 4)
+    settled = await lease(redis, keys, now, 0, 0, 0, 0, 100, 0, 0, "b", 10_000, 3600, 4,
+                          "a", 2, 0, "a", 3, 1)  # fmt: skip
+    assert settled[4] == 97  # 3 spent, 7 back
+    assert await redis.hgetall(keys[1]) == {b"used": b"3"}  # and its field not written again

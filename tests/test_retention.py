@@ -88,7 +88,7 @@ async def test_a_writer_trims_slices_past_the_ceiling_first_then_every_ten_secon
     assert await redis.zscore(keyspace.slices(0), str(old_slice)) is None
 
 
-async def test_a_slice_stream_deleted_under_the_writer_comes_back_with_an_expiry(
+async def test_a_slice_stream_that_lost_its_expiry_gets_it_back_with_the_next_write(
     redis, settings
 ) -> None:
     mw = Meterwall(ok_app, settings=settings)
@@ -97,11 +97,14 @@ async def test_a_slice_stream_deleted_under_the_writer_comes_back_with_an_expiry
     keyspace = settings.keyspace()
     [slice_name] = await redis.zrange(keyspace.slices(0), 0, -1)
     record_key = keyspace.records(0, int(slice_name))
-    await redis.delete(record_key)  # the slice list still names it: no "new slice" to see
+    index_key = keyspace.index(0, int(slice_name))
+    await redis.persist(record_key)  # restored without TTLs, say: the slice list still names it
+    await redis.persist(index_key)
     await serve(mw, 2)
     await mw.aclose()
-    assert await redis.xlen(record_key) == 1  # one entry: the second flush's group
+    assert await redis.xlen(record_key) == 2  # the first flush's group and the second's
     assert 0 < await redis.ttl(record_key) <= DAY
+    assert 0 < await redis.ttl(index_key) <= DAY
 
 
 async def test_a_writer_whose_clock_runs_fast_cannot_extend_retention(redis, settings) -> None:

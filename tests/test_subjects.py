@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from meterwall import Meterwall, Settings
 from meterwall.auditlog import AuditLog
 from meterwall.clock import FixedClock
 from meterwall.errors import ConfigurationError
+from meterwall.keyspace import TAG_CONSUMER
 from meterwall.reader import RecordReader
 from meterwall.subjects import SubjectRights
 from meterwall.tracing import TraceQuery, Tracer
 from meterwall.usage import UsageReader
 from tests.test_access import api_app, make_key
 from tests.test_cli import meterwall
+from tests.test_flusher import ok_app
+from tests.test_middleware import _discard, body_receive, http_scope
 from tests.test_tracing import BOUNDARY, NS, send, traffic
 
 __all__ = ["traffic"]  # the fixture, shared with the tracing tests
@@ -83,7 +87,7 @@ async def test_erasing_a_consumer_takes_its_aggregates_only_when_asked(redis, tr
     closed = keyspace.closed("acme", month)
     await redis.set(closed, b"{}")
     usage = UsageReader(redis, keyspace)
-    month_text = __import__("time").strftime("%Y-%m", __import__("time").gmtime(BOUNDARY))
+    month_text = time.strftime("%Y-%m", time.gmtime(BOUNDARY))
     assert await usage.totals("acme", month_text, ["route"])
     deliveries = keyspace.export_state("webhook", month_text)  # what a sink keeps, by consumer
     await redis.hset(deliveries, mapping=dict.fromkeys(
@@ -126,7 +130,7 @@ async def test_restricted_subjects_are_counted_but_never_recorded(
     new = [r for r in await everything(redis, traffic, private_key)
            if r["time_ns"] >= (BOUNDARY + 60) * NS]  # fmt: skip
     assert [(r["client"]["ip"], r["consumer"]) for r in new] == [("198.51.100.4", "acme")]
-    month = __import__("time").strftime("%Y-%m", __import__("time").gmtime(BOUNDARY))
+    month = time.strftime("%Y-%m", time.gmtime(BOUNDARY))
     rows = await UsageReader(redis, own.keyspace()).totals("globex", month, ["route"])
     assert sum(r["requests"] for r in rows) == 2 + 2  # counting went on
     assert await subjects.unrestrict(consumer="globex")
@@ -202,3 +206,34 @@ async def test_a_keyed_audit_opens_records_and_checks_indexes_and_restrictions(
     await redis.zadd(stream.replace(b":rec:", b":ix:"), {b"k" + bytes(16): 0})
     problems = (await audit())["index"].problems
     assert any(p.endswith("an index member of an unknown format") for p in problems)
+
+
+async def test_an_erasure_that_renumbers_an_index_keeps_its_expiry(redis, settings) -> None:
+    """Two consumers in one stored group, no address to index: erasing the consumer whose index
+    member comes first leaves the other's member, renumbered, in an index that still expires
+    (removing the last member before adding the renumbered one would delete the key, and the
+    add would make a new one with no expiry)."""
+    own = settings.replace(consumer_header="X-Consumer")
+    keyspace = own.keyspace()
+    names = [f"tenant-{n}" for n in range(64)]
+    first = names[0]
+    second = next(n for n in names[1:] if keyspace.shard_of(n) == keyspace.shard_of(first))
+    mw = Meterwall(ok_app, settings=own)
+    for name in (first, second):  # one flush: one group in one stream entry
+        await mw(http_scope(client=None, headers=[(b"x-consumer", name.encode())]),
+                 body_receive(), _discard)  # fmt: skip
+    await mw.aclose()
+    idents = {name: mw.flusher._index_ident(TAG_CONSUMER, name) for name in (first, second)}
+    shard = keyspace.shard_of(first)
+    [slice_name] = await redis.zrange(keyspace.slices(shard), 0, -1)
+    index = keyspace.index(shard, int(slice_name))
+    assert await redis.zcard(index) == 2
+    doomed = min(idents, key=idents.__getitem__)  # its member sorts first: it goes first
+    clock = FixedClock(time.time_ns())
+    receipt = await SubjectRights(redis, own, None, clock=clock, actor="os:dpo").erase(
+        consumer=doomed
+    )
+    assert receipt["records_erased"] == 1
+    [member] = await redis.zrange(index, 0, -1)
+    assert member.startswith(idents[second if doomed == first else first])
+    assert 0 < await redis.ttl(index) <= 86400

@@ -130,10 +130,11 @@ for _, k in ipairs(dkeys) do
 end
 
 -- One stream entry per slice group (never one per record) and variadic ZADDs: the work
--- inside Redis grows with the number of index entries, not with redis.call overhead. A slice's
--- stream gets its expiry when it is created (XADD NOMKSTREAM answers nil while it does not
--- exist), the slice list whenever it gains a slice; the index gets it with every write, since
--- an erasure that empties an index makes Redis delete it.
+-- inside Redis grows with the number of index entries, not with redis.call overhead. The
+-- stream and the index get their expiry with every write: a key that lost it (restored without
+-- TTLs, persisted by hand) gets it back, and a stream created by a writer whose clock runs ahead
+-- (its expiry capped at Redis's now + retention) gets the slice's own once Redis's clock is
+-- there, as its index does. The slice list gets its expiry whenever it gains a slice.
 local stored, expired, new_slices = 0, 0, 0
 for _, r in ipairs(records) do
   local expire_at = math.min(r[1] + retention, now + retention)
@@ -143,11 +144,8 @@ for _, r in ipairs(records) do
     local slice = string.format('%d', r[1])
     local at = string.format('%d', expire_at)
     local rec = p .. 'rec:' .. slice
-    local id = redis.call('XADD', rec, 'NOMKSTREAM', '*', 'n', r[2], 'r', r[3])
-    if not id then
-      id = redis.call('XADD', rec, '*', 'n', r[2], 'r', r[3])
-      redis.call('EXPIREAT', rec, at)
-    end
+    local id = redis.call('XADD', rec, '*', 'n', r[2], 'r', r[3])
+    redis.call('EXPIREAT', rec, at)
     if #r[4] > 0 then
       local ix = p .. 'ix:' .. slice
       local named = string.char(#id) .. id

@@ -50,13 +50,14 @@ if #kept > 0 then
 end
 redis.call('XDEL', KEYS[1], entry)
 
--- Removed counts index entries (one per identifier and record), not members.
+-- Removed counts index entries (one per identifier and record), not members. A renumbered
+-- member is added before the old one goes: removing an index's last member deletes the key,
+-- and adding to it then would make a new one without the slice's expiry.
 local removed = 0
 local members = redis.call('ZRANGE', KEYS[2], 0, -1)
 local named = string.char(#entry) .. entry
 for _, member in ipairs(members) do
   if #member > 18 and string.sub(member, 18, 18 + #entry) == named then
-    redis.call('ZREM', KEYS[2], member)
     local moved = {}
     for i = 19 + #entry, #member - 1, 2 do
       local hi, lo = string.byte(member, i, i + 1)
@@ -71,6 +72,7 @@ for _, member in ipairs(members) do
       redis.call('ZADD', KEYS[2], 0,
                  string.sub(member, 1, 17) .. string.char(#new_entry) .. new_entry .. table.concat(moved))
     end
+    redis.call('ZREM', KEYS[2], member)
   end
 end
 return {erased, removed}

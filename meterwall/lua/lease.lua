@@ -66,7 +66,7 @@ if quota > 0 then
       local spent = math.min(granted, math.max(reported, s[2]))
       if s[3] then
         used = used - (granted - spent)
-        held[field] = nil
+        held[field], sets[field] = nil, nil
         dels[#dels + 1] = field
       else
         held[field] = granted .. ':' .. spent .. ':' .. deadline
@@ -112,9 +112,13 @@ end
 
 if quota > 0 then
   if quota_granted > 0 then sets['l:' .. lease_id] = quota_granted .. ':0:' .. (now + ttl) end
-  if #dels > 0 then redis.call('HDEL', KEYS[2], unpack(dels)) end
+  -- In chunks: unpack has a limit, and a fleet killed at once leaves thousands of leases.
+  for i = 1, #dels, 1000 do
+    redis.call('HDEL', KEYS[2], unpack(dels, i, math.min(i + 999, #dels)))
+  end
   local args = {'used', used}
   for field, value in pairs(sets) do
+    if #args >= 1000 then redis.call('HSET', KEYS[2], unpack(args)); args = {} end
     args[#args + 1] = field
     args[#args + 1] = value
   end
