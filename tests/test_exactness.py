@@ -42,10 +42,15 @@ async def test_a_replayed_old_batch_is_ignored(redis, settings) -> None:
     assert await requests_in_redis(redis, settings) == 5
     assert len(journal.applied_seqs) >= 2
     assert journal.applied_seqs == sorted(set(journal.applied_seqs))  # one number per flush
+    keyspace = settings.keyspace()
+    marks = {shard: await redis.get(keyspace.high_water_mark(shard, mw.flusher.writer))
+             for shard, _ in journal.packed_batches}  # fmt: skip
     for shard, payload in journal.packed_batches:  # a replay of everything, e.g. by a journal
-        [reply] = (await apply_batches(redis, settings.keyspace(), {shard: payload})).values()
-        assert reply[0] == b"duplicate"
+        [reply] = (await apply_batches(redis, keyspace, {shard: payload})).values()
+        assert reply == [b"duplicate", marks[shard]]  # the mark it answers is the mark it keeps
     assert await requests_in_redis(redis, settings) == 5
+    for shard, mark in marks.items():
+        assert await redis.get(keyspace.high_water_mark(shard, mw.flusher.writer)) == mark
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 
@@ -12,6 +13,7 @@ from meterwall import FixedClock, Meterwall, RetentionExceeded
 from meterwall.embedded import EmbeddedRedis
 from meterwall.reader import RecordReader
 from meterwall.retention import Auditor, plaintext_findings, purge
+from meterwall.store import apply_batches
 from tests.helpers import this_hour
 from tests.test_flusher import ok_app, requests_in_redis
 from tests.test_middleware import _discard, body_receive, http_scope
@@ -261,3 +263,24 @@ def test_the_audit_sample_gives_every_record_the_same_chance() -> None:
     assert 320 <= min(counts.values()) <= max(counts.values()) <= 480  # 400 expected, sd 19
     assert sorted(sample(10, [5])) == [0, 1, 2, 3, 4]
     assert sample(0, [5]) == []
+
+
+async def test_a_batch_of_an_earlier_version_without_the_trim_field_is_applied_and_trims(
+    redis, settings
+) -> None:
+    """Journals and rolling upgrades hand the script batches of 10 fields: no trim field, which
+    reads as "trim"; a bad trim field is refused before any write."""
+    old_key, old_index, _ = await plant_expired_slice(redis, settings)
+    keyspace = settings.keyspace()
+    counters = [[1, int(time.time()) // 900 * 900, "acme\x1f\x1f/x\x1fGET\x1f200\x1frequests", 2,
+                 int(time.time()) + 3600]]  # fmt: skip
+    earlier = msgpack.packb([4, "w-old", 1, DAY, counters, [], [], [], [], 900],
+                            use_bin_type=False)  # fmt: skip
+    [reply] = (await apply_batches(redis, keyspace, {0: earlier})).values()
+    assert reply[0] == b"applied"
+    assert await redis.exists(old_key, old_index) == 0
+    bad = msgpack.packb([4, "w-old", 2, DAY, counters, [], [], [], [], 900, 2],
+                        use_bin_type=False)  # fmt: skip
+    [refused] = (await apply_batches(redis, keyspace, {0: bad})).values()
+    assert "bad batch: trim" in str(refused)
+    assert int(await redis.get(keyspace.high_water_mark(0, "w-old"))) == 1  # nothing written
