@@ -168,7 +168,8 @@ class SubjectRights:
         delivered = {b"running:" + consumer.encode()}
         if closed_periods:
             delivered.add(b"closed:" + consumer.encode())
-        async for key in self._redis.scan_iter(match=self._keyspace.export_states()):
+        states = self._keyspace.export_states()  # hashes only: a stray key must not stop this
+        async for key in self._redis.scan_iter(match=states, _type="hash"):
             fields = [f async for f, _ in self._hscan(key, "*:" + _glob(consumer))]
             doomed_fields = [f for f in fields if f in delivered]
             if doomed_fields:

@@ -92,6 +92,7 @@ async def test_erasing_a_consumer_takes_its_aggregates_only_when_asked(redis, tr
     deliveries = keyspace.export_state("webhook", month_text)  # what a sink keeps, by consumer
     await redis.hset(deliveries, mapping=dict.fromkeys(
         ["closed:acme", "running:acme", "closed:globex", "running:x:acme"], b"{}"))  # fmt: skip
+    await redis.set(keyspace.export_state("other", "notes"), b"a string a sink left")  # skipped
     first = await rights(redis, traffic).erase(consumer="acme")
     assert first["aggregate_keys_deleted"] == 0
     assert await usage.totals("acme", month_text, ["route"])  # billing data kept by default
