@@ -374,7 +374,9 @@ async def test_thousands_of_expired_leases_are_reclaimed_in_one_lease(redis, set
                                             b"l:new": f"5:0:{now + 10_000}".encode()}  # fmt: skip
 
 
-async def test_a_lease_reported_then_settled_in_one_call_is_gone(redis, settings) -> None:
+async def test_a_lease_settled_after_a_report_is_gone_and_a_first_lease_restores_the_expiry(
+    redis, settings
+) -> None:
     prefix = settings.key_prefix
     keys = [f"{prefix}:rate", f"{prefix}:quota"]
     now = 1_811_000_000_000
@@ -383,3 +385,6 @@ async def test_a_lease_reported_then_settled_in_one_call_is_gone(redis, settings
                           "a", 2, 0, "a", 3, 1)  # fmt: skip
     assert settled[4] == 97  # 3 spent, 7 back
     assert await redis.hgetall(keys[1]) == {b"used": b"3"}  # and its field not written again
+    await redis.persist(keys[1])  # restored without TTLs, say
+    await lease(redis, keys, now, 0, 0, 0, 0, 100, 1, 0, "c", 10_000, 3600, 4)  # a first lease
+    assert 0 < await redis.ttl(keys[1]) <= 3600  # the expiry is back

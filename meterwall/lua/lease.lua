@@ -123,9 +123,13 @@ if quota > 0 then
     args[#args + 1] = value
   end
   redis.call('HSET', KEYS[2], unpack(args))
-  -- keep_s always names the same moment (a week past the month's end): set once, when the
-  -- hash is new ('used' is never deleted, so a hash that was read had it).
-  if held['used'] == nil then redis.call('EXPIRE', KEYS[2], math.max(1, keep_s)) end
+  -- keep_s always names the same moment (a week past the month's end), so it is set when the
+  -- hash is new ('used' is never deleted, so a hash that was read had it) and when a worker
+  -- settles nothing (its first lease): a hash that lost its expiry gets it back, and a worker
+  -- holding leases does not pay for it with every lease.
+  if held['used'] == nil or #settle == 0 then
+    redis.call('EXPIRE', KEYS[2], math.max(1, keep_s))
+  end
   quota_left = math.max(0, quota - used)
 end
 
