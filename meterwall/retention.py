@@ -265,7 +265,7 @@ class Auditor:
             texts = (
                 self._index_texts(key, value)
                 if kind == "ix" and kind_of_value == "zset"
-                else self._clear_texts(key, kind, _parts(kind_of_value, value))
+                else self._clear_texts(kind, _parts(kind_of_value, value))
             )
             for where, text in texts:
                 scanned += 1
@@ -371,9 +371,7 @@ class Auditor:
                     out.append(("member", _text(entry)))
         return out
 
-    def _clear_texts(
-        self, key: str, kind: str, parts: list[tuple[str, bytes]]
-    ) -> list[tuple[str, str]]:
+    def _clear_texts(self, kind: str, parts: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
         """Every clear (non-ciphertext) part of a key's value that could hold text, as text.
 
         What meterwall itself writes in a fixed form is checked for that form instead of being
