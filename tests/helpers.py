@@ -12,12 +12,19 @@ import sys
 import time
 from asyncio.subprocess import Process
 from collections.abc import Mapping
+from typing import Any
 
 
 def this_hour() -> tuple[int, int]:
     """A counter read range covering the last hour (unix seconds)."""
     now = int(time.time())
     return now - 3600, now + 60
+
+
+async def command_calls(redis: Any) -> dict[str, int]:
+    """Calls per command so far (INFO commandstats: it counts what scripts run inside Redis)."""
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 async def serve(env: Mapping[str, str], count: int) -> tuple[list[Process], list[int]]:

@@ -16,7 +16,7 @@ from meterwall.sealing import HOUR_NS
 from meterwall.types import Message, Receive, Scope, Send
 from meterwall.usage import usage_totals
 from tests.faults import FaultProxy
-from tests.helpers import this_hour
+from tests.helpers import command_calls, this_hour
 from tests.test_middleware import _discard, body_receive, http_scope
 
 
@@ -208,11 +208,6 @@ async def test_an_earlier_hours_data_key_is_held_only_while_its_records_wait(
     await mw.aclose()
 
 
-async def script_commands(redis: aioredis.Redis) -> dict[str, int]:
-    stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
 async def test_a_record_batch_to_a_known_slice_costs_redis_eight_commands(
     redis, settings, private_key
 ) -> None:
@@ -222,11 +217,11 @@ async def test_a_record_batch_to_a_known_slice_costs_redis_eight_commands(
     mw = Meterwall(ok_app, settings=settings.replace(counter_flush_interval=300), clock=clock)
     await mw(http_scope(), body_receive(), _discard)
     assert await mw.flusher.flush() is True  # the slice, its expiries, a trim, the counters
-    before = await script_commands(redis)
+    before = await command_calls(redis)
     for _ in range(3):
         await mw(http_scope(), body_receive(), _discard)
     assert await mw.flusher.flush_once() is True  # as the flusher task does: counters not due
-    after = await script_commands(redis)
+    after = await command_calls(redis)
     spent = {name: after[name] - before.get(name, 0) for name in after}
     script = {"evalsha", "time", "set", "get", "xadd", "zadd", "expireat", "expire", "pfadd",
               "hincrby", "zrangebyscore", "exists"}  # fmt: skip

@@ -15,10 +15,10 @@ from asgi_lifespan import LifespanManager
 from meterwall import Meterwall, Settings
 from meterwall.clock import FixedClock
 from meterwall.errors import ConfigurationError
-from meterwall.limits import Limiter, PathWeights, parse_plans
+from meterwall.limits import LEASE_SCRIPT, Limiter, PathWeights, parse_plans
 from meterwall.retention import Auditor
 from meterwall.usage import UsageReader
-from tests.helpers import serve, stop
+from tests.helpers import command_calls, serve, stop
 from tests.test_access import api_app, make_key
 
 T0 = 1_811_000_000 * 10**9  # 2027-05-22T15:33:20Z, ahead of the real clock: keys expire later
@@ -317,9 +317,15 @@ async def test_after_an_idle_spell_the_lease_size_is_halved_not_started_again(
     assert tokens.want == busy // 4
 
 
-async def lease(redis: Any, keys: list[str], *args: Any) -> list[int]:
-    from meterwall.limits import LEASE_SCRIPT
+LEASE_NOW = T0 // 1_000_000  # ms: passed in, as workers with an injected clock do
 
+
+def lease_keys(settings: Settings) -> list[str]:
+    """A rate key and a quota hash of the test's own, for the lease script called straight."""
+    return [f"{settings.key_prefix}:rate", f"{settings.key_prefix}:quota"]
+
+
+async def lease(redis: Any, keys: list[str], *args: Any) -> list[int]:
     reply = await redis.eval(LEASE_SCRIPT, 2, *keys, *args)
     return [int(v) for v in reply]
 
@@ -329,9 +335,7 @@ async def test_a_lease_the_rate_refuses_takes_no_quota_and_costs_few_commands(
 ) -> None:
     """The lease script straight: a quota lease the rate then refuses is never written, and a
     lease with a settlement reads the quota hash once and writes it once."""
-    prefix = settings.key_prefix
-    keys = [f"{prefix}:rate", f"{prefix}:quota"]
-    now = 1_811_000_000_000  # ms; passed in, as workers with an injected clock do
+    keys, now = lease_keys(settings), LEASE_NOW
     #                       now, interval, burst, rate want/return, quota, want/return, lease, ttl
     first = await lease(redis, keys, now, 1000, 1, 1, 0, 100, 5, 0, "a", 10_000, 3600, 4, "x", 0, 0)
     assert first == [1, 0, 1000, 5, 95, 0]  # rate 1 (none left, retry in 1 s), quota 5 of 100
@@ -342,14 +346,14 @@ async def test_a_lease_the_rate_refuses_takes_no_quota_and_costs_few_commands(
     held = await redis.hgetall(keys[1])
     assert held == {b"used": b"5", b"l:a": f"5:2:{now + 10_000}".encode()}  # "a" reported 2
 
-    before = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
+    before = await command_calls(redis)
     settled = await lease(redis, keys, now + 2000, 1000, 1, 1, 0, 100, 5, 0, "c", 10_000, 3600,
                           4, "a", 3, 1)  # fmt: skip
-    after = {k: v["calls"] for k, v in (await redis.info("commandstats")).items()}
+    after = await command_calls(redis)
     assert settled == [1, 0, 1000, 5, 92, 0]  # "a" settled at 3 spent: 2 back, then 5 more
     assert await redis.hgetall(keys[1]) == {b"used": b"8",
                                             b"l:c": f"5:0:{now + 12_000}".encode()}  # fmt: skip
-    spent = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after}
+    spent = {k: after[k] - before.get(k, 0) for k in after}
     assert {k: v for k, v in spent.items() if v and k not in ("eval", "info")} == {
         "hgetall": 1,
         "hdel": 1,
@@ -363,9 +367,7 @@ async def test_a_lease_the_rate_refuses_takes_no_quota_and_costs_few_commands(
 async def test_thousands_of_expired_leases_are_reclaimed_in_one_lease(redis, settings) -> None:
     """A fleet killed at once leaves a lease per worker and renewal: 9,000 of them are more
     fields than one Lua ``unpack`` takes; they are all reclaimed and the hash shrinks."""
-    prefix = settings.key_prefix
-    keys = [f"{prefix}:rate", f"{prefix}:quota"]
-    now = 1_811_000_000_000
+    keys, now = lease_keys(settings), LEASE_NOW
     leases = {f"l:w{n}": f"3:1:{now - 1}" for n in range(9000)}  # each: 3 granted, 1 spent
     await redis.hset(keys[1], mapping={"used": 27_000, **leases})
     granted = await lease(redis, keys, now, 0, 0, 0, 0, 100_000, 5, 0, "new", 10_000, 3600, 4)
@@ -377,9 +379,7 @@ async def test_thousands_of_expired_leases_are_reclaimed_in_one_lease(redis, set
 async def test_a_lease_settled_after_a_report_is_gone_and_a_first_lease_restores_the_expiry(
     redis, settings
 ) -> None:
-    prefix = settings.key_prefix
-    keys = [f"{prefix}:rate", f"{prefix}:quota"]
-    now = 1_811_000_000_000
+    keys, now = lease_keys(settings), LEASE_NOW
     await lease(redis, keys, now, 0, 0, 0, 0, 100, 10, 0, "a", 10_000, 3600, 4)
     settled = await lease(redis, keys, now, 0, 0, 0, 0, 100, 0, 0, "b", 10_000, 3600, 4,
                           "a", 2, 0, "a", 3, 1)  # fmt: skip

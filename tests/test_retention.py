@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from collections import Counter
 
 import msgpack
 import pytest
@@ -242,8 +244,6 @@ async def test_persistence_check_fails_with_aof_until_purge_requests_a_rewrite(
 def test_the_audit_sample_gives_every_record_the_same_chance() -> None:
     """Algorithm L skips ahead between kept records; over many audits each record of 100,
     offered in uneven groups, lands in a sample of 10 about equally often."""
-    import collections
-    import random as stdlib_random
 
     def sample(size: int, groups: list[int]) -> list[int]:
         auditor = Auditor(None, None, sample=size)  # type: ignore[arg-type]
@@ -253,8 +253,8 @@ def test_the_audit_sample_gives_every_record_the_same_chance() -> None:
             offered += n
         return [blob[0] for _, blob in auditor._sample]
 
-    stdlib_random.seed(3)
-    counts: collections.Counter[int] = collections.Counter()
+    random.seed(3)
+    counts: Counter[int] = Counter()
     for _ in range(4000):
         kept = sample(10, [3, 7, 1, 40, 25, 24])
         assert len(set(kept)) == 10
