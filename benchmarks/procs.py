@@ -20,7 +20,7 @@ from typing import Any
 
 from redis import Redis
 
-from meterwall.keyspace import SEP, TAG_IP, index_member
+from meterwall.keyspace import SEP, TAG_IP, records_named, tag_range
 
 ROOT = Path(__file__).resolve().parent.parent  # the project root: `benchmarks` is importable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -229,8 +229,7 @@ def stored_records(client: Redis, prefix: str = "mw") -> tuple[int, int]:
     client address, so the address members of the slice indexes name each stored record once."""
     stored = dropped = 0
     for key in client.scan_iter(match=f"{prefix}:*:ix:*", count=1000):
-        for member in client.zrangebylex(key, b"[" + TAG_IP, b"(" + bytes([TAG_IP[0] + 1])):
-            stored += len(index_member(member)[2]) // 2
+        stored += sum(records_named(m) for m in client.zrangebylex(key, *tag_range(TAG_IP)))
     for key in client.scan_iter(match=f"{prefix}:*:stats", count=1000):
         dropped += int(client.hget(key, "records_dropped") or 0)
     return stored, dropped

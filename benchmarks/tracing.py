@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from meterwall import Meterwall, Secret, Settings
 from meterwall.clock import FixedClock
 from meterwall.embedded import EmbeddedRedis
-from meterwall.keyspace import TAG_IP, Keyspace, index_member
+from meterwall.keyspace import TAG_IP, Keyspace, records_named, tag_range
 from meterwall.reader import RecordReader
 from meterwall.retention import Auditor, Check
 from meterwall.sealing import generate_keypair, load_private_key
@@ -315,12 +315,10 @@ async def stored(redis: Any, keyspace: Keyspace) -> Stored:
         names += [(shard, int(s)) for s in await redis.zrange(keyspace.slices(shard), 0, -1)]
     async with redis.pipeline(transaction=False) as pipe:
         for shard, start in names:
-            pipe.zrangebylex(
-                keyspace.index(shard, start), b"[" + TAG_IP, b"(" + bytes([TAG_IP[0] + 1])
-            )
+            pipe.zrangebylex(keyspace.index(shard, start), *tag_range(TAG_IP))
             pipe.xlen(keyspace.records(shard, start))
         replies = await pipe.execute()
-    named = [sum(len(index_member(m)[2]) // 2 for m in members) for members in replies[0::2]]
+    named = [sum(records_named(m) for m in members) for members in replies[0::2]]
     # What each kind of key takes, as Redis's allocator sees it (MEMORY USAGE, every element).
     keys = [k async for k in redis.scan_iter(match=keyspace.pattern(), count=1000)]
     async with redis.pipeline(transaction=False) as pipe:

@@ -44,6 +44,16 @@ def index_member(member: bytes) -> tuple[bytes, bytes, bytes]:
     return member[:IDENT_BYTES], member[IDENT_BYTES + 1 : end], tail
 
 
+def tag_range(tag: bytes) -> tuple[bytes, bytes]:
+    """ZRANGEBYLEX bounds of a slice index's members of one tag (every address member, say)."""
+    return b"[" + tag, b"(" + bytes([tag[0] + 1])
+
+
+def records_named(member: bytes) -> int:
+    """How many records of its stream entry an index member names."""
+    return len(index_member(member)[2]) // 2
+
+
 def unpack_positions(packed: bytes) -> tuple[int, ...]:
     return struct.unpack(f">{len(packed) // 2}H", packed)
 
