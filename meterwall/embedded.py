@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import importlib.util
 import os
+import random
+import re
 import shutil
 import socket
 import stat
@@ -57,6 +60,36 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _free_port_with_bus() -> int:
+    """A free port whose cluster bus port (the port + 10,000) is free too: before Redis 7 the
+    bus port cannot be chosen, and the kernel's free ports are mostly above 55,535."""
+    for _ in range(200):
+        port = random.randrange(20000, 55000)
+        with contextlib.ExitStack() as held:
+            try:
+                for candidate in (port, port + 10000):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((_HOST, candidate))
+            except OSError:
+                continue
+        return port
+    raise MeterwallError("no free port pair for a cluster node")
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of a Redis or Valkey server binary, from its ``--version`` line."""
+    try:
+        line = subprocess.run(  # noqa: S603
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MeterwallError(f"cannot run {binary}: {exc}") from exc
+    found = re.search(r"v=(\d+)\.(\d+)", line)
+    if found is None:
+        raise MeterwallError(f"{binary}: no version in {line.strip()!r}")
+    return int(found[1]), int(found[2])
 
 
 def _answers(port: int, workdir: str) -> bool:
@@ -208,15 +241,20 @@ class EmbeddedCluster:
     host = _HOST
 
     def __init__(self, masters: int = 3, *, binary: str | None = None) -> None:
-        # The cluster bus port is set explicitly: by default it is the port + 10,000, which a
-        # free high port cannot always have.
-        self._bus = [_free_port() for _ in range(masters)]
-        self.nodes = [
-            EmbeddedRedis(binary=binary, extra_args=[
-                "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                "--cluster-port", str(bus)])
-            for bus in self._bus
-        ]  # fmt: skip
+        binary = binary or find_server_binary()
+        args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        if server_version(binary) >= (7, 0):
+            # The bus port is set explicitly: by default it is the port + 10,000, which a free
+            # high port cannot always have.
+            self._bus = [_free_port() for _ in range(masters)]
+            self.nodes = [EmbeddedRedis(binary=binary, extra_args=[*args, "--cluster-port",
+                                                                   str(bus)])
+                          for bus in self._bus]  # fmt: skip
+        else:  # Redis 6.2: the bus is always the port + 10,000
+            ports = [_free_port_with_bus() for _ in range(masters)]
+            self._bus = [port + 10000 for port in ports]
+            self.nodes = [EmbeddedRedis(binary=binary, port=port, extra_args=args)
+                          for port in ports]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -229,7 +267,8 @@ class EmbeddedCluster:
         slots, count = 16384, len(self.nodes)
         for index, node in enumerate(self.nodes):
             first, last = index * slots // count, (index + 1) * slots // count - 1
-            _command(node.port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+            # ADDSLOTS with every slot: ADDSLOTSRANGE is Redis 7's
+            _command(node.port, "CLUSTER", "ADDSLOTS", *map(str, range(first, last + 1)))
         for node, bus in zip(self.nodes[1:], self._bus[1:], strict=True):
             _command(self.nodes[0].port, "CLUSTER", "MEET", _HOST, str(node.port), str(bus))
         deadline = time.monotonic() + _START_TIMEOUT
