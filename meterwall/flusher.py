@@ -37,7 +37,7 @@ from .clock import Clock
 from .consumers import Consumer, ConsumerRegistry
 from .errors import ConfigurationError
 from .journal import FileJournal, Journal, NullJournal, deployment_dir, orphans
-from .keyspace import TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, pack_positions
+from .keyspace import BUCKET_15M, TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, pack_positions
 from .metering import (
     KIND_1H,
     KIND_15M,
@@ -125,9 +125,9 @@ class Flusher:
         self._ident_cache: dict[bytes, bytes] = {}
         self._data_keys_by_id: dict[bytes, DataKey] = {}  # of the records not yet sent
         self._counters: dict[int, Increments] = {}
-        self._uniques: dict[str, set[bytes]] = {}  # "consumer:YYYY-MM-DD" -> daily pseudonyms
+        self._uniques: dict[tuple[str, int], set[bytes]] = {}  # (consumer, UTC day) -> members
         self._uniques_day = -1
-        self._uniques_key = ("", b"")
+        self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
         self._trim_at: dict[int, int] = {}  # shard -> when (clock s) to ask for a trim again
         self._consumers: dict[str, Consumer] = {}
@@ -467,15 +467,14 @@ class Flusher:
         day_number = time_s // 86400
         if day_number != self._uniques_day:
             self._uniques_day = day_number
-            day = time.strftime("%Y-%m-%d", time.gmtime(time_s))
-            self._uniques_key = (day, self.daily_keys.epoch(day_number).ip_key)
+            self._uniques_key = self.daily_keys.epoch(day_number).ip_key
             self._uniques_members.clear()
-        day, key = self._uniques_key
+        key = self._uniques_key
         member = self._uniques_members.get(ip16)  # emptied after every flush, like all such caches
         if member is None:
             member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
             self._uniques_members[ip16] = member
-        self._uniques.setdefault(f"{consumer}:{day}", set()).add(member)
+        self._uniques.setdefault((consumer, day_number), set()).add(member)
 
     async def _read_registry(self, redis: Redis) -> None:
         """Billing zones change rarely: read the registry every few seconds, not per flush."""
@@ -524,10 +523,15 @@ class Flusher:
                     known[0] += value
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
-            for bucket, members in self._uniques.items():
-                shard = self.keyspace.shard_of(bucket.rsplit(":", 1)[0])
-                expire_at = int(time.time()) + int(self.settings.retention_day)
-                uniques.setdefault(shard, []).append([bucket, b"".join(members), expire_at])
+            now = self.clock.now_ns() // 1_000_000_000
+            for (consumer, day_number), members in self._uniques.items():
+                # As long as the day's counters: their last 15-minute bucket + the retention.
+                last = min(now, (day_number + 1) * 86400 - 1)
+                expire_at = last - last % BUCKET_15M + int(self.settings.retention_day)
+                bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"
+                uniques.setdefault(self.keyspace.shard_of(consumer), []).append(
+                    [bucket, b"".join(members), expire_at]
+                )
             self._uniques.clear()
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()

@@ -221,7 +221,27 @@ async def test_each_granularity_expires_after_its_own_retention(redis, settings)
     ttl_day = await redis.ttl(keyspace.counters_day("acme", day))
     assert 7200 - 900 <= ttl_15m <= 7200
     assert 40 * 86400 - 900 <= ttl_day <= 40 * 86400
-    assert abs(await redis.ttl(keyspace.uniques("acme", day)) - 40 * 86400) <= 5
+    assert abs(await redis.ttl(keyspace.uniques("acme", day)) - ttl_day) <= 2  # as the day's
+
+
+async def test_unique_clients_expire_with_their_days_counters_by_the_writers_clock(
+    redis, settings
+) -> None:
+    """Also when they are flushed after the day: the day's last bucket + the retention."""
+    clock = FixedClock(0)
+    own = settings.replace(consumer_header="X-Consumer", retention_day=40 * 86400)
+    mw = Meterwall(ok_app, settings=own, clock=clock)
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    await send_at(mw, clock, f"{day}T23:50:00", "acme", client=("192.0.2.7", 1000))
+    clock.set(at(f"{day}T23:50:00") + 40 * 60 * 10**9)  # the flush comes after midnight
+    await mw.aclose()
+    keyspace = own.keyspace()
+    assert await UsageReader(redis, keyspace).unique_clients("acme", day) == 1
+    ttl_day = await redis.ttl(keyspace.counters_day("acme", day))
+    ttl_uniques = await redis.ttl(keyspace.uniques("acme", day))
+    assert abs(ttl_uniques - ttl_day) <= 2
+    last_bucket = at(f"{day}T23:45:00") // 10**9
+    assert abs(time.time() + ttl_uniques - (last_bucket + 40 * 86400)) <= 3
 
 
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
