@@ -581,7 +581,7 @@ def _redaction(settings: Settings, sealed: bool) -> tuple[Block, ...]:
             _line(
                 "Client-address headers have every address replaced by a pseudonym: ",
                 *_codes(sorted(_ADDRESS_HEADERS)),
-                ".",
+                ", and any other header whose value is only addresses.",
             ),
             _line(
                 "Fields with secret-looking names are masked (replaced by ",

@@ -25,6 +25,8 @@ from urllib.parse import quote_plus, unquote_plus
 
 import orjson
 
+from .clientip import canonical_ip
+
 __all__ = ["SECRET_MASK", "IpPseudonymFn", "Redactor"]
 
 IpPseudonymFn = Callable[[str], str]
@@ -104,6 +106,20 @@ def _host(token: str) -> str:
     if token.count(":") == 1:  # IPv4:port; a bare IPv6 address has several colons
         return token.partition(":")[0]
     return token
+
+
+# What a value made only of addresses can hold: hex digits, dots, colons, brackets, quotes,
+# commas and spaces (one flat class: linear). Anything else is not an address list.
+_ADDRESS_CHARS = re.compile(r'[0-9A-Fa-f.:\[\]", ]+')
+
+
+def _holds_addresses(value: str) -> bool:
+    """True if every comma-separated element of ``value`` is an IP address (with an optional
+    port or brackets): such a header is pseudonymised whatever its name."""
+    if ("." not in value and ":" not in value) or not _ADDRESS_CHARS.fullmatch(value):
+        return False
+    tokens = [t for t in value.split(",") if t.strip()]
+    return bool(tokens) and all(canonical_ip(_host(t)) is not None for t in tokens)
 
 
 #: The characters of a urlencoded form body (one flat class: linear, no backtracking).
@@ -208,6 +224,8 @@ class Redactor:
                 name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
                 lower = name.lower()
                 kind = self._header_kind(lower)
+                if kind == "plain" and _holds_addresses(value):
+                    kind = "address"  # a header of another name (Client-IP, X-Origin-Ip, ...)
                 if kind == "address":  # depends on the hour's pseudonym key
                     forwarded = lower == "forwarded"
                     value = self._forwarded(value) if forwarded else self._address_list(value)

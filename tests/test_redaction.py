@@ -159,6 +159,33 @@ def test_single_address_headers(redactor: Redactor, name: str) -> None:
     assert "198.51.100.23" not in out
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "addresses"),
+    [("client-ip", "198.51.100.23", ["198.51.100.23"]),
+     ("x-origin-addr", "[2001:db8::5]:443, 198.51.100.9:80", ["2001:db8::5", "198.51.100.9"]),
+     ("x-upstream", '"203.0.113.4"', ["203.0.113.4"])],
+)  # fmt: skip
+def test_a_header_of_any_name_that_holds_only_addresses_is_pseudonymised(
+    redactor: Redactor, name: str, value: str, addresses: list[str]
+) -> None:
+    out = header(redactor, name, value)
+    assert out == ", ".join(pseudo(a) for a in addresses)
+    for plain in addresses:
+        assert plain not in out
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("x-version", "1.2.3"), ("content-length", "1024"), ("x-request-id", "deadbeef"),
+     ("x-hex", "cafe:f00d"), ("x-mixed", "198.51.100.7, not-an-address"), ("x-time", "12:30:45"),
+     ("x-empty", ", ,")],
+)  # fmt: skip
+def test_values_that_are_not_all_addresses_stay_as_they_are(
+    redactor: Redactor, name: str, value: str
+) -> None:
+    assert header(redactor, name, value) == value
+
+
 def test_forwarded_pairs(redactor: Redactor) -> None:
     value = (
         'for=192.0.2.60;proto=http;by=203.0.113.43, For="[2001:db8:cafe::17]:4711";host=a.example'
