@@ -16,7 +16,7 @@ import time
 from . import load, report
 from .run import run
 
-ALL = ("1", "2", "3", "4", "5", "6a", "6b")
+ALL = ("1", "2", "3", "4", "5", "6a", "6b", "6c")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

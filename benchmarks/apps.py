@@ -139,6 +139,17 @@ def rate_limited() -> ASGIApp:
     return RateLimit(bare(), os.environ["BENCH_REDIS_URL"], strategy)
 
 
+def prometheus_exporter() -> ASGIApp:
+    """Variant 6c: starlette-exporter's pure-ASGI ``PrometheusMiddleware``, the usual in-memory
+    metering: a request counter and a latency histogram per method, route template, status and
+    consumer (``X-Consumer``, as meterwall's variants meter), no network, nothing stored."""
+    from starlette_exporter import PrometheusMiddleware, from_header
+
+    return Starlette(routes=_routes(), middleware=[
+        Middleware(PrometheusMiddleware, labels={"consumer": from_header("X-Consumer")})
+    ])  # fmt: skip
+
+
 SSE_EVERY_S = 0.1  # an event every 100 ms after the first, which goes out at once
 CHUNK = bytes(64 * 1024)
 

@@ -87,6 +87,8 @@ def variants() -> list[Variant]:
         Variant("6a", "BaseHTTPMiddleware + awaited XADD + HINCRBY", "basehttp_logger", redis=True),
         Variant("6b", f"limits rate limiter (Redis storage, {strategy})", "rate_limited",
                 redis=True),
+        Variant("6c", "starlette-exporter Prometheus metrics (in memory)",
+                "prometheus_exporter"),
     ]  # fmt: skip
 
 
@@ -113,6 +115,14 @@ def store_keys(url: str, secret_b64: str, keys: Keys) -> None:
                                          created=now))  # fmt: skip
 
     asyncio.run(save())
+
+
+def exporter_installed() -> bool:
+    try:
+        import starlette_exporter  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def limits_installed() -> bool:
@@ -216,6 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     if "6b" in args.variants and not limits_installed():
         skipped["6b"] = "skipped: `pip install 'limits[async-redis]'` to run it"
+    if "6c" in args.variants and not exporter_installed():
+        skipped["6c"] = "skipped: `pip install starlette-exporter` to run it"
     rounds: list[dict[str, Any]] = []
     load_avg = [os.getloadavg()]
     with ExitStack() as stack:

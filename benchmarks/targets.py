@@ -99,7 +99,7 @@ def lines(results: dict[str, Any]) -> list[str]:
     vs6 = {b: x for b in ("6a", "6b") if (x := _paired(results, "5", b)) is not None}
     others = [
         f"{a} / {b} = {x:.2f}x"
-        for a, b in (("4", "6a"), ("4", "6b"), ("3", "6a"), ("3", "6b"))
+        for a, b in (("4", "6a"), ("4", "6b"), ("3", "6a"), ("3", "6b"), ("3", "6c"))
         if (x := _paired(results, a, b)) is not None
     ]
     if vs6:
