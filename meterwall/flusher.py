@@ -126,6 +126,7 @@ class Flusher:
         self._data_keys_by_id: dict[bytes, DataKey] = {}  # of the records not yet sent
         self._counters: dict[int, Increments] = {}
         self._uniques: dict[tuple[str, int], set[bytes]] = {}  # (consumer, UTC day) -> members
+        self._uniques_last: dict[tuple[str, int], int] = {}  # -> its latest request (time s)
         self._uniques_day = -1
         self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
@@ -187,6 +188,7 @@ class Flusher:
         self._pending.clear()
         self._counters.clear()
         self._uniques.clear()
+        self._uniques_last.clear()
         self.meter.take()
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
@@ -474,7 +476,10 @@ class Flusher:
         if member is None:
             member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
             self._uniques_members[ip16] = member
-        self._uniques.setdefault((consumer, day_number), set()).add(member)
+        bucket = (consumer, day_number)
+        self._uniques.setdefault(bucket, set()).add(member)
+        if self._uniques_last.get(bucket, -1) < time_s:
+            self._uniques_last[bucket] = time_s
 
     async def _read_registry(self, redis: Redis) -> None:
         """Billing zones change rarely: read the registry every few seconds, not per flush."""
@@ -523,16 +528,17 @@ class Flusher:
                     known[0] += value
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
-            now = self.clock.now_ns() // 1_000_000_000
             for (consumer, day_number), members in self._uniques.items():
-                # As long as the day's counters: their last 15-minute bucket + the retention.
-                last = min(now, (day_number + 1) * 86400 - 1)
+                # As long as the day's counters: the 15-minute bucket of its latest request +
+                # the retention (the counters' hash expires so, in the consumer's billing day).
+                last = self._uniques_last[consumer, day_number]
                 expire_at = last - last % BUCKET_15M + int(self.settings.retention_day)
                 bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"
                 uniques.setdefault(self.keyspace.shard_of(consumer), []).append(
                     [bucket, b"".join(members), expire_at]
                 )
             self._uniques.clear()
+            self._uniques_last.clear()
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:

@@ -224,24 +224,27 @@ async def test_each_granularity_expires_after_its_own_retention(redis, settings)
     assert abs(await redis.ttl(keyspace.uniques("acme", day)) - ttl_day) <= 2  # as the day's
 
 
+@pytest.mark.parametrize("last_request", ["10:05:00", "23:50:00"])
 async def test_unique_clients_expire_with_their_days_counters_by_the_writers_clock(
-    redis, settings
+    redis, settings, last_request: str
 ) -> None:
-    """Also when they are flushed after the day: the day's last bucket + the retention."""
+    """Also when they are flushed the next day: the latest request's 15-minute bucket + the
+    retention, as the day's counters (a UTC consumer: its billing day is the UTC day)."""
     clock = FixedClock(0)
     own = settings.replace(consumer_header="X-Consumer", retention_day=40 * 86400)
     mw = Meterwall(ok_app, settings=own, clock=clock)
     day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
-    await send_at(mw, clock, f"{day}T23:50:00", "acme", client=("192.0.2.7", 1000))
-    clock.set(at(f"{day}T23:50:00") + 40 * 60 * 10**9)  # the flush comes after midnight
+    await send_at(mw, clock, f"{day}T08:00:00", "acme", client=("192.0.2.7", 1000))
+    await send_at(mw, clock, f"{day}T{last_request}", "acme", client=("192.0.2.8", 1000))
+    clock.set(at(f"{day}T23:59:00") + 30 * 60 * 10**9)  # the flush comes after midnight
     await mw.aclose()
     keyspace = own.keyspace()
-    assert await UsageReader(redis, keyspace).unique_clients("acme", day) == 1
+    assert await UsageReader(redis, keyspace).unique_clients("acme", day) == 2
     ttl_day = await redis.ttl(keyspace.counters_day("acme", day))
     ttl_uniques = await redis.ttl(keyspace.uniques("acme", day))
     assert abs(ttl_uniques - ttl_day) <= 2
-    last_bucket = at(f"{day}T23:45:00") // 10**9
-    assert abs(time.time() + ttl_uniques - (last_bucket + 40 * 86400)) <= 3
+    last = at(f"{day}T{last_request}") // 10**9
+    assert abs(time.time() + ttl_uniques - (last - last % 900 + 40 * 86400)) <= 3
 
 
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
