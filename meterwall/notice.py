@@ -581,7 +581,9 @@ def _redaction(settings: Settings, sealed: bool) -> tuple[Block, ...]:
             _line(
                 "Client-address headers have every address replaced by a pseudonym: ",
                 *_codes(sorted(_ADDRESS_HEADERS)),
-                ", and any other header whose value is only addresses.",
+                ", and every IP address standing alone in any other header but ",
+                Code("Host"),
+                ".",
             ),
             _line(
                 "Fields with secret-looking names are masked (replaced by ",

@@ -108,18 +108,11 @@ def _host(token: str) -> str:
     return token
 
 
-# What a value made only of addresses can hold: hex digits, dots, colons, brackets, quotes,
-# commas and spaces (one flat class: linear). Anything else is not an address list.
-_ADDRESS_CHARS = re.compile(r'[0-9A-Fa-f.:\[\]", ]+')
-
-
-def _holds_addresses(value: str) -> bool:
-    """True if every comma-separated element of ``value`` is an IP address (with an optional
-    port or brackets): such a header is pseudonymised whatever its name."""
-    if ("." not in value and ":" not in value) or not _ADDRESS_CHARS.fullmatch(value):
-        return False
-    tokens = [t for t in value.split(",") if t.strip()]
-    return bool(tokens) and all(canonical_ip(_host(t)) is not None for t in tokens)
+# The separators of the tokens of a header value, kept as they are (whitespace, commas,
+# semicolons, equals signs: "a, b", "1.1 proxy", "for=a;by=b"). One flat class: linear.
+_TOKEN_SEPARATORS = re.compile(r"([\s,;=]+)")
+# Headers whose addresses are not the client's: the server's own name.
+_NOT_CLIENT_ADDRESS = frozenset({"host", ":authority"})
 
 
 #: The characters of a urlencoded form body (one flat class: linear, no backtracking).
@@ -224,11 +217,17 @@ class Redactor:
                 name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
                 lower = name.lower()
                 kind = self._header_kind(lower)
-                if kind == "plain" and _holds_addresses(value):
-                    kind = "address"  # a header of another name (Client-IP, X-Origin-Ip, ...)
-                if kind == "address":  # depends on the hour's pseudonym key
-                    forwarded = lower == "forwarded"
-                    value = self._forwarded(value) if forwarded else self._address_list(value)
+                found = None
+                if kind == "plain" and lower not in _NOT_CLIENT_ADDRESS:
+                    # a header of any other name (Client-IP, Via, a custom one) with addresses
+                    found = self._address_tokens(value)
+                if kind == "address" or found is not None:  # depends on the hour's key
+                    if found is not None:
+                        value = found
+                    elif lower == "forwarded":
+                        value = self._forwarded(value)
+                    else:
+                        value = self._address_list(value)
                     pair = (name, value)
                     if address_epoch is not None:
                         if len(addresses) >= _CACHE_LIMIT:
@@ -287,6 +286,20 @@ class Redactor:
             return self._pseudonymise_ip(_host(value)) if value.strip() else ""
         tokens = (t for t in value.split(",") if t.strip())
         return ", ".join(self._pseudonymise_ip(_host(t)) for t in tokens)
+
+    def _address_tokens(self, value: str) -> str | None:
+        """``value`` with every token that is an IP address (with a port, brackets, a zone or
+        quotes) pseudonymised, the rest and the separators kept; None if no token is one."""
+        if "." not in value and ":" not in value:
+            return None
+        parts = _TOKEN_SEPARATORS.split(value)
+        found = False
+        for i in range(0, len(parts), 2):  # the even parts are the tokens
+            host = _host(parts[i])
+            if host and canonical_ip(host) is not None:
+                parts[i] = self._pseudonymise_ip(host)
+                found = True
+        return "".join(parts) if found else None
 
     def _forwarded(self, value: str) -> str:
         """RFC 7239: pseudonymise ``for=``/``by=`` and keep the other pairs verbatim.
