@@ -22,6 +22,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,10 +37,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from meterwall import Meterwall, Secret, Settings
-from meterwall.capture import Captured
+from meterwall.buffer import ByteBoundedQueue
+from meterwall.capture import Captured, Exchange
 from meterwall.clientip import TrustedProxies, canonical_ip
 from meterwall.embedded import EmbeddedRedis
 from meterwall.flusher import Flusher, sealed_size
+from meterwall.journal import FileJournal
+from meterwall.metering import Meter
 from meterwall.pseudonyms import HOUR
 from meterwall.records import build_record
 from meterwall.sealing import generate_keypair
@@ -89,6 +93,10 @@ def make_scopes(body: bytes, count: int = 64) -> list[dict[str, Any]]:
 
 async def discard(message: Message) -> None:
     return None
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 async def run_requests(
@@ -167,26 +175,53 @@ async def stage_breakdown(
 ) -> list[tuple[str, float, str]]:  # fmt: skip
     """Median wall µs of each stage (single-threaded, no I/O unless said: close to CPU)."""
     # Request path: a second middleware whose flusher never runs (a pending future stands in for
-    # its task, so submit() does not start one); its queue is dropped after each block.
-    probe = Meterwall(app, settings=settings)
-    probe.flusher._task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
-    n, bare, wrapped = min(args.n, 2000), list[float](), list[float]()
-    before = await redis_stats(client)
-    for _ in range(max(args.rounds, 3)):
-        for runs, target in ((bare, app), (wrapped, probe)):
-            t0 = time.perf_counter_ns()
-            await run_requests(target, scopes, body, n, yield_each=False)
-            runs.append((time.perf_counter_ns() - t0) / n / 1000)
-        row = probe.flusher.inbox.take(len(probe.flusher.inbox))[-1]
-        probe.flusher.meter.take()
-    path_cmds = ((await redis_stats(client))[0] - before[0]).total()
-    assert path_cmds == 0, f"{path_cmds} Redis commands on the request path"
-    request_path = statistics.median(wrapped) - statistics.median(bare)
+    # its task, so submit() does not start one), with a journal of its own; its queue is
+    # dropped after each block. A third one hands nothing to its flusher: capture alone.
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory() as journal_dir:
+        journal = FileJournal(Path(journal_dir), "probe")
+        probe = Meterwall(app, settings=settings, journal=journal)
+        probe.flusher._task = loop.create_future()  # type: ignore[assignment]
+        capture = Meterwall(app, settings=settings)
+        capture.flusher._task = loop.create_future()  # type: ignore[assignment]
+        capture.flusher.submit = lambda ex: None  # type: ignore[method-assign]
+        n = min(args.n, 2000)
+        runs: dict[str, list[float]] = {"bare": [], "all": [], "capture": []}
+        before = await redis_stats(client)
+        for _ in range(max(args.rounds, 3)):
+            for name, target in (("bare", app), ("all", probe), ("capture", capture)):
+                t0 = time.perf_counter_ns()
+                await run_requests(target, scopes, body, n, yield_each=False)
+                runs[name].append((time.perf_counter_ns() - t0) / n / 1000)
+            row = probe.flusher.inbox.take(len(probe.flusher.inbox))[-1]
+            probe.flusher.meter.take()
+        path_cmds = ((await redis_stats(client))[0] - before[0]).total()
+        assert path_cmds == 0, f"{path_cmds} Redis commands on the request path"
+        bare = statistics.median(runs["bare"])
+        request_path = statistics.median(runs["all"]) - bare
+        capture_only = statistics.median(runs["capture"]) - bare
+        ex = Captured.from_row(row)
+        delta = (ex.start_ns // 1_000_000_000, ex.consumer, ex.key_id, ex.route, ex.method,
+                 ex.status, ex.ttfb_ns, ex.bytes_in, ex.bytes_out, ex.denied)  # fmt: skip
+        meter, k = Meter(), 2000
+        metering = time_us(lambda: meter.add(*delta), k)
+        journaling = time_us(lambda: journal.delta(delta), k)
+        journal.close(clean=True)
+    exchange = Exchange(scopes[0], _no_receive, discard, settings.body_limit, ex.start_ns)
+    exchange.body.append(body)
+    exchange.bytes_in, exchange.status, exchange.route = len(body), 200, ex.route
+    queue: ByteBoundedQueue[tuple[Any, ...]] = ByteBoundedQueue(settings.buffer_bytes)
+
+    def enqueue() -> None:
+        queue.put(exchange.captured(), len(body))
+        if len(queue) >= k:
+            queue.take(k)
+
+    enqueuing = time_us(enqueue, k)
 
     # The flusher's per-record stages, on the last captured exchange (the main flusher, whose
     # epoch key for this hour is already agreed with Redis).
-    red, tp, k = fl.redactor, settings.trusted_proxies, 2000
-    ex = Captured.from_row(row)
+    red, tp = fl.redactor, settings.trusted_proxies
     fl._hour = ex.start_ns // 1_000_000_000 // HOUR
     headers, peer = ex.headers, ex.client[0]
     address = tp.resolve(peer, headers)
@@ -206,8 +241,17 @@ async def stage_breakdown(
         return epoch.pseudonyms(ip16)
 
     stages = [
-        ("request path: capture + meter + enqueue (middleware minus bare app)", request_path,
-         f"per request; {len(wrapped)} alternating blocks of {n}; Redis commands: {path_cmds}"),
+        ("request path: capture + meter + journal + enqueue (middleware minus bare app)",
+         request_path, f"per request; {len(runs['all'])} alternating blocks of {n}; Redis "
+         f"commands: {path_cmds}"),
+        ("capture", capture_only, "the same, handing nothing on: exchange, receive and send "
+         "wrappers, route template, consumer header"),
+        ("meter", metering, "Meter.add: one row merged into the in-memory counters"),
+        ("journal", journaling, "one counter delta appended to the journal file (a write call)"),
+        ("enqueue", enqueuing, "the exchange as a plain tuple into the flusher's queue"),
+        ("request path, the rest", request_path - capture_only - metering - journaling - enqueuing,
+         "the request path minus the four above: submit's own work, and what the parts timed "
+         "alone (hot, nothing kept) do not show: collecting the queued tuples, colder caches"),
         ("redact headers", time_us(lambda: red.headers(headers), k),
          "8 headers: Bearer fingerprint (HMAC), X-Forwarded-For pseudonym (cached)"),
         ("redact query", time_us(lambda: red.query(ex.query_string), k), "2 pairs"),
