@@ -581,7 +581,7 @@ def _redaction(settings: Settings, sealed: bool) -> tuple[Block, ...]:
             _line(
                 "Client-address headers have every address replaced by a pseudonym: ",
                 *_codes(sorted(_ADDRESS_HEADERS)),
-                ", and every IP address standing alone in any other header but ",
+                ", and every IP address standing in any other header but ",
                 Code("Host"),
                 ".",
             ),

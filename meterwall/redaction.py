@@ -25,7 +25,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 import orjson
 
-from .clientip import canonical_ip
+from .clientip import canonical_ip, ip_text
 
 __all__ = ["SECRET_MASK", "IpPseudonymFn", "Redactor"]
 
@@ -108,9 +108,15 @@ def _host(token: str) -> str:
     return token
 
 
-# The separators of the tokens of a header value, kept as they are (whitespace, commas,
-# semicolons, equals signs: "a, b", "1.1 proxy", "for=a;by=b"). One flat class: linear.
-_TOKEN_SEPARATORS = re.compile(r"([\s,;=]+)")
+# An IP address standing in other text: a dotted quad not glued to a word or another dot, or
+# an IPv6 address (two colons at least, an IPv4 tail, a zone) not glued to a word, dot or colon.
+# Bounded repetitions only: linear. A candidate is an address only if canonical_ip parses it
+# (so "12:30:45" or a MAC address stay as they are).
+_ADDRESS_IN_TEXT = re.compile(
+    r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])"
+    r"|(?<![\w.:])(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
+    r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.-]+)?(?![\w.:])"
+)
 # Headers whose addresses are not the client's: the server's own name.
 _NOT_CLIENT_ADDRESS = frozenset({"host", ":authority"})
 
@@ -288,18 +294,23 @@ class Redactor:
         return ", ".join(self._pseudonymise_ip(_host(t)) for t in tokens)
 
     def _address_tokens(self, value: str) -> str | None:
-        """``value`` with every token that is an IP address (with a port, brackets, a zone or
-        quotes) pseudonymised, the rest and the separators kept; None if no token is one."""
+        """``value`` with every IP address standing in it pseudonymised (with or without port,
+        brackets, quotes or zone, in lists, pairs, arrays or parentheses), the rest kept; None
+        if it holds none."""
         if "." not in value and ":" not in value:
             return None
-        parts = _TOKEN_SEPARATORS.split(value)
         found = False
-        for i in range(0, len(parts), 2):  # the even parts are the tokens
-            host = _host(parts[i])
-            if host and canonical_ip(host) is not None:
-                parts[i] = self._pseudonymise_ip(host)
-                found = True
-        return "".join(parts) if found else None
+
+        def replace(match: re.Match[str]) -> str:
+            nonlocal found
+            ip16 = canonical_ip(match.group())
+            if ip16 is None:
+                return match.group()
+            found = True
+            return self._pseudonymise_ip(ip_text(ip16))
+
+        out = _ADDRESS_IN_TEXT.sub(replace, value)
+        return out if found else None
 
     def _forwarded(self, value: str) -> str:
         """RFC 7239: pseudonymise ``for=``/``by=`` and keep the other pairs verbatim.

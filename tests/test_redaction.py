@@ -163,38 +163,44 @@ def test_single_address_headers(redactor: Redactor, name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [("client-ip", "198.51.100.23", "{198.51.100.23}"),
-     ("x-origin-addr", "[2001:db8::5]:443, 198.51.100.9:80", "{2001:db8::5}, {198.51.100.9}"),
-     ("x-upstream", '"203.0.113.4"', "{203.0.113.4}"),
+     ("x-origin-addr", "[2001:db8::5]:443, 198.51.100.9:80",
+      "[{2001:db8::5}]:443, {198.51.100.9}:80"),
+     ("x-upstream", '"203.0.113.4"', '"{203.0.113.4}"'),
      ("x-spaced", "198.51.100.1 198.51.100.2,\t198.51.100.3",
       "{198.51.100.1} {198.51.100.2},\t{198.51.100.3}"),
-     ("x-obfuscated-port", "198.51.100.4:_x", "{198.51.100.4}"),
+     ("x-obfuscated-port", "198.51.100.4:_x", "{198.51.100.4}:_x"),
      ("via", "1.1 10.0.0.1, 1.0 fred", "1.1 {10.0.0.1}, 1.0 fred"),
      ("x-mixed", "198.51.100.7, unknown", "{198.51.100.7}, unknown"),
      ("x-pairs", "for=198.51.100.5;proto=https", "for={198.51.100.5};proto=https"),
-     ("x-note", "note=203.0.113.9", "note={203.0.113.9}")],
+     ("x-note", "note=203.0.113.9", "note={203.0.113.9}"),
+     ("x-array", '["1.2.3.4","5.6.7.8"]', '["{1.2.3.4}","{5.6.7.8}"]'),
+     ("x-bracketed-list", "[1.2.3.4, 5.6.7.8]", "[{1.2.3.4}, {5.6.7.8}]"),
+     ("x-wrapped", "(1.2.3.4) <5.6.7.8> '9.9.9.9'", "({1.2.3.4}) <{5.6.7.8}> '{9.9.9.9}'"),
+     ("x-query", "a=1.2.3.4&b=2", "a={1.2.3.4}&b=2"),
+     ("x-network", "1.2.3.4/32", "{1.2.3.4}/32"),
+     ("x-labelled", "ip:1.2.3.4, client:5.6.7.8", "ip:{1.2.3.4}, client:{5.6.7.8}"),
+     ("x-mapped", "::ffff:1.2.3.4", "{1.2.3.4}"),
+     ("x-link-local", "fe80::1%eth0, [fe80::2%25eth0]:80", "{fe80::1}, [{fe80::2}]:80")],
 )  # fmt: skip
-def test_every_address_token_of_any_header_is_pseudonymised(
+def test_every_address_standing_in_any_header_is_pseudonymised(
     redactor: Redactor, name: str, value: str, expected: str
 ) -> None:
+    """Each address in its canonical form (a mapped IPv6 address is its IPv4 address, a zone
+    names a link, not a host), so the pseudonym is the same however it was written."""
     out = header(redactor, name, value)
     assert out == re.sub(r"\{([^}]*)\}", lambda m: pseudo(m.group(1)), expected)
-
-
-@pytest.mark.parametrize("value", ["fe80::1%eth0", "[fe80::1%25eth0]:80", "fe80::1%1"])
-def test_an_address_with_a_zone_is_pseudonymised(redactor: Redactor, value: str) -> None:
-    out = header(redactor, "x-link-local", value)
-    assert out.startswith("ip:")
-    assert "fe80" not in out
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
     [("x-version", "1.2.3"), ("content-length", "1024"), ("x-request-id", "deadbeef"),
      ("x-hex", "cafe:f00d"), ("x-time", "12:30:45"), ("x-empty", ", ,"),
-     ("x-glued", "ip:203.0.113.9x"), ("host", "10.0.0.5:8000"),
-     ("date", "Mon, 30 Nov 2026 05:00:00 GMT")],
+     ("x-glued", "ip:203.0.113.9x"), ("x-five-parts", "1.2.3.4.5"), ("x-octet", "256.1.1.1"),
+     ("x-mac", "00:1a:2b:3c:4d:5e"), ("host", "10.0.0.5:8000"),
+     ("date", "Mon, 30 Nov 2026 05:00:00 GMT"),
+     ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0.6099.109 Safari/537.36")],
 )  # fmt: skip
-def test_values_without_an_address_token_and_the_host_stay_as_they_are(
+def test_values_without_an_address_and_the_host_stay_as_they_are(
     redactor: Redactor, name: str, value: str
 ) -> None:
     assert header(redactor, name, value) == value
