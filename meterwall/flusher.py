@@ -526,11 +526,12 @@ class Flusher:
                     merged[key] = [value, expire_at]
                 else:
                     known[0] += value
+                    known[1] = max(known[1], expire_at)
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
             for (consumer, day_number), members in self._uniques.items():
-                # As long as the day's counters: the 15-minute bucket of its latest request +
-                # the retention (the counters' hash expires so, in the consumer's billing day).
+                # The day counters' rule: the 15-minute bucket of the latest request + the
+                # retention (theirs per billing-zone day, this per UTC day).
                 last = self._uniques_last[consumer, day_number]
                 expire_at = last - last % BUCKET_15M + int(self.settings.retention_day)
                 bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"

@@ -114,6 +114,7 @@ def counter_increments(
             rows[(kind, bucket, name)] = [value, at + retention[kind]]
         else:
             row[0] += value
+            row[1] = max(row[1], at + retention[kind])  # kept after the latest bucket
 
     # Deltas are kept per latency bucket: the measures are summed over those first (a
     # consumer's route has ~20 of them), so each measure field is added once, not 20 times.

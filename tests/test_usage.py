@@ -226,10 +226,13 @@ async def test_each_granularity_expires_after_its_own_retention(redis, settings)
 
 @pytest.mark.parametrize("last_request", ["10:05:00", "23:50:00"])
 async def test_unique_clients_expire_with_their_days_counters_by_the_writers_clock(
-    redis, settings, last_request: str
+    redis, settings, last_request: str, monkeypatch
 ) -> None:
     """Also when they are flushed the next day: the latest request's 15-minute bucket + the
-    retention, as the day's counters (a UTC consumer: its billing day is the UTC day)."""
+    retention, the day counters' rule (a UTC consumer: its billing day is the UTC day). The two
+    requests fall in different 15-minute buckets but one latency bucket, so they add to the
+    same fields: each field keeps the latest bucket's expiry, not its first."""
+    monkeypatch.setattr("meterwall.metering.latency_bucket", lambda ttfb_ns: 7)
     clock = FixedClock(0)
     own = settings.replace(consumer_header="X-Consumer", retention_day=40 * 86400)
     mw = Meterwall(ok_app, settings=own, clock=clock)
@@ -277,7 +280,9 @@ def _increments_one_by_one(deltas, zone_of, weight_of):  # type: ignore[no-untyp
 
     def add(consumer, kind, bucket, name, value, at):  # type: ignore[no-untyped-def]
         rows = out.setdefault(consumer, {})
-        rows.setdefault((kind, bucket, name), [0, at + RETENTION[kind]])[0] += value
+        row = rows.setdefault((kind, bucket, name), [0, at + RETENTION[kind]])
+        row[0] += value
+        row[1] = max(row[1], at + RETENTION[kind])  # kept a retention after its latest bucket
 
     for key, values in deltas.items():
         bucket, consumer, key_id, route, method, status, latency, denied = key
