@@ -226,7 +226,7 @@ class Redactor:
                 found = None
                 if kind == "plain" and lower not in _NOT_CLIENT_ADDRESS:
                     # a header of any other name (Client-IP, Via, a custom one) with addresses
-                    found = self._address_tokens(value)
+                    found = self._addresses_in_text(value)
                 if kind == "address" or found is not None:  # depends on the hour's key
                     if found is not None:
                         value = found
@@ -293,7 +293,7 @@ class Redactor:
         tokens = (t for t in value.split(",") if t.strip())
         return ", ".join(self._pseudonymise_ip(_host(t)) for t in tokens)
 
-    def _address_tokens(self, value: str) -> str | None:
+    def _addresses_in_text(self, value: str) -> str | None:
         """``value`` with every IP address standing in it pseudonymised (with or without port,
         brackets, quotes or zone, in lists, pairs, arrays or parentheses), the rest kept; None
         if it holds none."""
