@@ -84,6 +84,17 @@ _REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
 _CACHE_LIMIT = 65536
 
 
+class _DayClients:
+    """One consumer's distinct clients of one UTC day not sent yet, and the time of its latest
+    request, whose 15-minute bucket sets the count's expiry."""
+
+    __slots__ = ("latest_s", "members")
+
+    def __init__(self, time_s: int) -> None:
+        self.members: set[bytes] = set()
+        self.latest_s = time_s
+
+
 class Flusher:
     """Owns the in-process meter and queues of one middleware instance and drains them to Redis."""
 
@@ -125,8 +136,7 @@ class Flusher:
         self._ident_cache: dict[bytes, bytes] = {}
         self._data_keys_by_id: dict[bytes, DataKey] = {}  # of the records not yet sent
         self._counters: dict[int, Increments] = {}
-        self._uniques: dict[tuple[str, int], set[bytes]] = {}  # (consumer, UTC day) -> members
-        self._uniques_last: dict[tuple[str, int], int] = {}  # -> its latest request (time s)
+        self._uniques: dict[tuple[str, int], _DayClients] = {}  # (consumer, UTC day) -> clients
         self._uniques_day = -1
         self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
@@ -188,7 +198,6 @@ class Flusher:
         self._pending.clear()
         self._counters.clear()
         self._uniques.clear()
-        self._uniques_last.clear()
         self.meter.take()
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
@@ -476,10 +485,12 @@ class Flusher:
         if member is None:
             member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
             self._uniques_members[ip16] = member
-        bucket = (consumer, day_number)
-        self._uniques.setdefault(bucket, set()).add(member)
-        if self._uniques_last.get(bucket, -1) < time_s:
-            self._uniques_last[bucket] = time_s
+        clients = self._uniques.get((consumer, day_number))
+        if clients is None:
+            clients = self._uniques[consumer, day_number] = _DayClients(time_s)
+        elif clients.latest_s < time_s:
+            clients.latest_s = time_s
+        clients.members.add(member)
 
     async def _read_registry(self, redis: Redis) -> None:
         """Billing zones change rarely: read the registry every few seconds, not per flush."""
@@ -529,17 +540,16 @@ class Flusher:
                     known[1] = max(known[1], expire_at)
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
-            for (consumer, day_number), members in self._uniques.items():
+            for (consumer, day_number), clients in self._uniques.items():
                 # The day counters' rule: the 15-minute bucket of the latest request + the
                 # retention (theirs per billing-zone day, this per UTC day).
-                last = self._uniques_last[consumer, day_number]
-                expire_at = last - last % BUCKET_15M + int(self.settings.retention_day)
+                last = clients.latest_s
+                expire_at = last - last % BUCKET_15M + self._aggregate_retention[KIND_DAY]
                 bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"
                 uniques.setdefault(self.keyspace.shard_of(consumer), []).append(
-                    [bucket, b"".join(members), expire_at]
+                    [bucket, b"".join(clients.members), expire_at]
                 )
             self._uniques.clear()
-            self._uniques_last.clear()
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
