@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import os
 import subprocess
 import sys
@@ -117,21 +118,9 @@ def store_keys(url: str, secret_b64: str, keys: Keys) -> None:
     asyncio.run(save())
 
 
-def exporter_installed() -> bool:
-    try:
-        import starlette_exporter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def limits_installed() -> bool:
-    try:
-        import coredis  # noqa: F401
-        import limits  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def installed(*modules: str) -> bool:
+    """Whether an optional alternative can run (located, not imported)."""
+    return all(importlib.util.find_spec(module) is not None for module in modules)
 
 
 @dataclass
@@ -224,9 +213,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keys = make_keys()
     os.environ[load.API_KEYS_ENV] = ",".join(full for _, full in keys)
     skipped: dict[str, str] = {}
-    if "6b" in args.variants and not limits_installed():
+    if "6b" in args.variants and not installed("limits", "coredis"):
         skipped["6b"] = "skipped: `pip install 'limits[async-redis]'` to run it"
-    if "6c" in args.variants and not exporter_installed():
+    if "6c" in args.variants and not installed("starlette_exporter"):
         skipped["6c"] = "skipped: `pip install starlette-exporter` to run it"
     rounds: list[dict[str, Any]] = []
     load_avg = [os.getloadavg()]

