@@ -118,7 +118,7 @@ _ADDRESS_IN_TEXT = re.compile(
     r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.-]+)?(?![\w.:])"
 )
 # Headers whose addresses are not the client's: the server's own name.
-_NOT_CLIENT_ADDRESS = frozenset({"host", ":authority"})
+_SERVER_HEADERS = frozenset({"host", ":authority"})
 
 
 #: The characters of a urlencoded form body (one flat class: linear, no backtracking).
@@ -223,17 +223,14 @@ class Redactor:
                 name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
                 lower = name.lower()
                 kind = self._header_kind(lower)
-                found = None
-                if kind == "plain" and lower not in _NOT_CLIENT_ADDRESS:
-                    # a header of any other name (Client-IP, Via, a custom one) with addresses
+                if kind == "address":
+                    forwarded = lower == "forwarded"
+                    value = self._forwarded(value) if forwarded else self._address_list(value)
+                elif kind == "plain":  # any other name (Client-IP, Via, a custom one)
                     found = self._addresses_in_text(value)
-                if kind == "address" or found is not None:  # depends on the hour's key
                     if found is not None:
-                        value = found
-                    elif lower == "forwarded":
-                        value = self._forwarded(value)
-                    else:
-                        value = self._address_list(value)
+                        value, kind = found, "address"
+                if kind == "address":  # depends on the hour's pseudonym key
                     pair = (name, value)
                     if address_epoch is not None:
                         if len(addresses) >= _CACHE_LIMIT:
@@ -263,6 +260,8 @@ class Redactor:
                 kind = "address"
             elif name in _URL_HEADERS:
                 kind = "url"
+            elif name in _SERVER_HEADERS:
+                kind = "server"  # kept as it is
             else:
                 kind = "plain"
             if len(self._header_cache) >= _CACHE_LIMIT:
