@@ -27,6 +27,13 @@ async def command_calls(redis: Any) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
+async def command_calls_since(redis: Any, before: dict[str, int]) -> dict[str, int]:
+    """The commands run since ``before`` (``command_calls``), those run at least once."""
+    after = await command_calls(redis)
+    return {name: calls - before.get(name, 0) for name, calls in after.items()
+            if calls > before.get(name, 0)}  # fmt: skip
+
+
 async def serve(env: Mapping[str, str], count: int) -> tuple[list[Process], list[int]]:
     """``count`` single-worker uvicorn processes of ``tests.served_app``, sharing only Redis."""
     servers, ports = [], []
