@@ -250,6 +250,28 @@ async def test_unique_clients_expire_with_their_days_counters_by_the_writers_clo
     assert abs(time.time() + ttl_uniques - (last - last % 900 + 40 * 86400)) <= 3
 
 
+async def test_an_older_backlog_batch_does_not_shorten_a_usage_keys_expiry(redis, settings) -> None:
+    """Writer A flushes the day's 22:00 request; writer B, back from an outage, flushes its
+    08:00 request of the same day afterwards. The day hash, the month hash and the unique
+    clients keep the expiry of the latest request, whichever batch came last."""
+    own = settings.replace(consumer_header="X-Consumer", retention_day=40 * 86400)
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    for when in ("22:00:00", "08:00:00"):
+        clock = FixedClock(0)
+        writer = Meterwall(ok_app, settings=own, clock=clock)
+        await send_at(writer, clock, f"{day}T{when}", "acme", client=("192.0.2.7", 1000))
+        await writer.aclose()
+    keyspace = own.keyspace()
+    latest = at(f"{day}T22:00:00") // 10**9
+    expected = {
+        keyspace.counters_day("acme", day): latest + 40 * 86400,
+        keyspace.counters_month("acme", day[:7]): latest + 762 * 86400,
+        keyspace.uniques("acme", day): latest + 40 * 86400,
+    }
+    for key, expires in expected.items():
+        assert abs(time.time() + await redis.ttl(key) - expires) <= 3, key
+
+
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
     redis, settings
 ) -> None:

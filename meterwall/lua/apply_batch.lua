@@ -120,8 +120,12 @@ for _, u in ipairs(uniques) do
   if #args > 0 then redis.call('PFADD', key, unpack(args)) end
   expiring[key] = math.max(expiring[key] or 0, u[3])
 end
+-- An expiry only moves later: a batch of older requests (a backlog, another writer's late
+-- flush) must not cut short what a newer batch set. TTL, not EXPIRETIME: Redis 6.2 too; -1
+-- (a new key, or one whose expiry was lost) takes the batch's.
 for key, at in pairs(expiring) do
-  redis.call('EXPIREAT', key, string.format('%d', at))
+  local ttl = redis.call('TTL', key)
+  if ttl < 0 or now + ttl < at then redis.call('EXPIREAT', key, string.format('%d', at)) end
 end
 
 for _, k in ipairs(dkeys) do
