@@ -140,6 +140,7 @@ class Flusher:
         self._uniques_day = -1
         self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
+        self._uniques_fresh: dict[tuple[str, int], list[bytes]] = {}  # not in the journal yet
         self._trim_at: dict[int, int] = {}  # shard -> when (clock s) to ask for a trim again
         self._consumers: dict[str, Consumer] = {}
         self._next_registry_read = 0.0
@@ -198,6 +199,7 @@ class Flusher:
         self._pending.clear()
         self._counters.clear()
         self._uniques.clear()
+        self._uniques_fresh.clear()
         self.meter.take()
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
@@ -313,7 +315,7 @@ class Flusher:
         most every few seconds), whether Redis answered or not: an outage must not grow it by
         a row per request."""
         try:
-            self.journal.compact(self.meter.peek())
+            self.journal.compact(self.meter.peek(), self._pending_uniques)
         except OSError as exc:
             self._journal_failed(exc)
 
@@ -378,6 +380,8 @@ class Flusher:
                 # half that time keeps the flusher's share of the CPU above a third, enough
                 # to keep up with what the requests hand it (else records pile up in memory).
                 yield_at = back + max(_SLICE_NS, (back - now) // 2)
+        if self._uniques_fresh:
+            self._journal_uniques()
         # Caches that hold plaintext addresses live no longer than one flush (DESIGN).
         self._address_cache.clear()
         self._uniques_members.clear()
@@ -490,7 +494,38 @@ class Flusher:
             clients = self._uniques[consumer, day_number] = _DayClients(time_s)
         elif clients.latest_s < time_s:
             clients.latest_s = time_s
-        clients.members.add(member)
+        if member not in clients.members:
+            clients.members.add(member)
+            self._uniques_fresh.setdefault((consumer, day_number), []).append(member)
+
+    def _journal_uniques(self) -> None:
+        """The members this sealing pass saw first, in one journal entry: a killed worker's
+        unique clients are then lost only with its records not yet sealed."""
+        fresh, self._uniques_fresh = self._uniques_fresh, {}
+        entries = [[consumer, day, self._uniques[consumer, day].latest_s, b"".join(members)]
+                   for (consumer, day), members in fresh.items()]  # fmt: skip
+        try:
+            self.journal.uniques(entries)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _pending_uniques(self) -> list[list[Any]]:
+        """Every unique-client member not sent yet, as the journal's snapshot holds them."""
+        return [[consumer, day, clients.latest_s, b"".join(clients.members)]
+                for (consumer, day), clients in self._uniques.items()]  # fmt: skip
+
+    def _uniques_by_shard(self, days: Iterable[Sequence[Any]]) -> dict[int, list[list[Any]]]:
+        """The batches' ``uniques`` sections: (consumer, UTC day, latest request s, members)."""
+        by_shard: dict[int, list[list[Any]]] = {}
+        for consumer, day_number, latest_s, members in days:
+            # The day counters' rule: the 15-minute bucket of the latest request + the
+            # retention (theirs per billing-zone day, this per UTC day).
+            expire_at = latest_s - latest_s % BUCKET_15M + self._aggregate_retention[KIND_DAY]
+            bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"
+            by_shard.setdefault(self.keyspace.shard_of(consumer), []).append(
+                [bucket, members, expire_at]
+            )
+        return by_shard
 
     async def _read_registry(self, redis: Redis) -> None:
         """Billing zones change rarely: read the registry every few seconds, not per flush."""
@@ -540,16 +575,9 @@ class Flusher:
                     known[1] = max(known[1], expire_at)
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
-            for (consumer, day_number), clients in self._uniques.items():
-                # The day counters' rule: the 15-minute bucket of the latest request + the
-                # retention (theirs per billing-zone day, this per UTC day).
-                last = clients.latest_s
-                expire_at = last - last % BUCKET_15M + self._aggregate_retention[KIND_DAY]
-                bucket = f"{consumer}:{time.strftime('%Y-%m-%d', time.gmtime(day_number * 86400))}"
-                uniques.setdefault(self.keyspace.shard_of(consumer), []).append(
-                    [bucket, b"".join(clients.members), expire_at]
-                )
+            uniques = self._uniques_by_shard(self._pending_uniques())
             self._uniques.clear()
+            self._uniques_fresh.clear()  # inside this batch, which the journal gets next
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
@@ -648,7 +676,7 @@ class Flusher:
             return
         for orphan in orphans(self._journal_dir, self.writer):
             try:
-                batches, deltas, top = orphan.read()
+                batches, deltas, days, top = orphan.read()
                 for _, shard, payload in batches:
                     await self._apply_one(redis, shard, payload)
                 increments = counter_increments(
@@ -659,9 +687,10 @@ class Flusher:
                     merged = by_shard.setdefault(self.keyspace.shard_of(consumer), {})
                     for key, (value, expire_at) in rows.items():
                         merged.setdefault(key, [0, expire_at])[0] += value
-                for shard, counters in by_shard.items():  # one more batch of the dead writer
-                    payload = self._payload(orphan.writer, top + 1, counters, [], [], [], [],
-                                            trim=False)  # fmt: skip
+                uniques = self._uniques_by_shard(days)
+                for shard in sorted(by_shard.keys() | uniques.keys()):  # one more batch of it
+                    payload = self._payload(orphan.writer, top + 1, by_shard.get(shard, {}), [],
+                                            [], [], uniques.get(shard, []), trim=False)  # fmt: skip
                     await self._apply_one(redis, shard, payload)
             except (RedisError, OSError):
                 orphan.abandon()
@@ -672,8 +701,9 @@ class Flusher:
                 continue
             orphan.release()
             self.journals_adopted += 1
-            log.info("meterwall: replayed the journal of writer %s (%d batches, %d deltas)",
-                     orphan.writer, len(batches), len(deltas))  # fmt: skip
+            log.info("meterwall: replayed the journal of writer %s (%d batches, %d deltas, "
+                     "%d unique-client days)", orphan.writer, len(batches), len(deltas),
+                     len(days))  # fmt: skip
 
     async def _apply_one(self, redis: Redis, shard: int, payload: bytes) -> None:
         reply = (await apply_batches(redis, self.keyspace, {shard: payload}))[shard]

@@ -12,7 +12,9 @@ acknowledged) and deletes the old ones, but for those holding a batch acknowledg
 durability window, so a journal stays small and young. Any other worker of the deployment that can
 take a dead writer's lock adopts its journal: it re-sends its batches (the writer's high-water marks
 turn what Redis already has into no-ops) and packs its remaining deltas as one more batch of that
-writer. Raw records not yet sealed when a worker is killed are lost: at most one flush interval.
+writer. Unique-client members are journaled by each sealing pass and travel the same way.
+Raw records not yet sealed when a worker is killed are lost (at most one flush interval), and
+with them the clients seen only in those requests.
 Batches Redis acknowledged in the last ``KEEP_S`` seconds are sent again when Redis's run id
 changes (a Redis killed with ``appendfsync everysec`` can lose its last second).
 """
@@ -26,9 +28,9 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgpack
 
@@ -43,6 +45,10 @@ _HEAD = struct.Struct(">IB")  # length of the body, kind
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per writev
 DELTA, SNAPSHOT, TAKEN, BATCH, APPLIED = b"D"[0], b"S"[0], b"M"[0], b"P"[0], b"A"[0]
 HIGH = b"H"[0]  # the writer's highest batch number so far (a new segment must not forget it)
+# Unique clients not sent yet: [[consumer, UTC day number, latest request s, 8-byte members]].
+# They travel with the counters (TAKEN covers them too) but are found at sealing, not on the
+# request path: each sealing pass journals the members it saw first.
+UNIQUES = b"U"[0]
 # A DELTA body is the msgpack array of ``Meter.add``'s ten arguments. ``FileJournal.delta``
 # encodes it by hand: integers as msgpack int64 (marker 0xd3 and 8 bytes, valid for any value
 # that fits), the text fields as cached msgpack strings.
@@ -59,6 +65,9 @@ class Journal(Protocol):
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
         """Batches packed for sending; ``took_deltas``: they hold every delta so far."""
 
+    def uniques(self, entries: list[list[Any]]) -> None:
+        """Unique-client members first seen by a sealing pass (see ``UNIQUES``)."""
+
     def applied(self, writer: str, shard: int, seq: int) -> None:
         """Redis answered applied (or duplicate, which means an earlier attempt landed)."""
 
@@ -73,8 +82,11 @@ class Journal(Protocol):
     def release_recent(self) -> None:
         """Redis answered again and its run id was checked: the usual window applies again."""
 
-    def compact(self, pending_deltas: Deltas) -> None:
-        """Maybe start a new segment holding only what is still needed."""
+    def compact(
+        self, pending_deltas: Deltas, pending_uniques: Callable[[], list[list[Any]]] = list
+    ) -> None:
+        """Maybe start a new segment holding only what is still needed (``pending_uniques``
+        is called only then)."""
 
     def close(self, *, clean: bool) -> None:
         """Stop writing; ``clean``: everything reached Redis, delete the journal."""
@@ -91,6 +103,9 @@ class NullJournal:
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
         return None
 
+    def uniques(self, entries: list[list[Any]]) -> None:
+        return None
+
     def applied(self, writer: str, shard: int, seq: int) -> None:
         return None
 
@@ -103,7 +118,9 @@ class NullJournal:
     def release_recent(self) -> None:
         return None
 
-    def compact(self, pending_deltas: Deltas) -> None:
+    def compact(
+        self, pending_deltas: Deltas, pending_uniques: Callable[[], list[list[Any]]] = list
+    ) -> None:
         return None
 
     def close(self, *, clean: bool) -> None:
@@ -189,6 +206,9 @@ class FileJournal:
             self._batches[(seq, shard)] = (payload, 0.0, self._segment)
         self._write(*entries)  # one write: the marker never lands without its batches
 
+    def uniques(self, entries: list[list[Any]]) -> None:
+        self._write((UNIQUES, entries))
+
     def applied(self, writer: str, shard: int, seq: int) -> None:
         known = self._batches.get((seq, shard))
         if known is not None:
@@ -226,8 +246,11 @@ class FileJournal:
     def release_recent(self) -> None:
         self._held_since = None
 
-    def compact(self, pending_deltas: Deltas) -> None:
-        """A new segment with the unpacked deltas and the unacknowledged batches; old ones go.
+    def compact(
+        self, pending_deltas: Deltas, pending_uniques: Callable[[], list[list[Any]]] = list
+    ) -> None:
+        """A new segment with the unpacked deltas and unique clients and the unacknowledged
+        batches; old ones go.
 
         A batch acknowledged within ``KEEP_S`` is not copied: the old segment holding it stays
         until then. (Copying those batches at every rotation cost more CPU under load than all
@@ -244,6 +267,9 @@ class FileJournal:
         # The highest batch number goes first: an adopter sends the leftover deltas as the next
         # batch, and a number at or below the writer's high-water mark would be dropped.
         entries: list[tuple[int, Any]] = [(HIGH, self._top), (SNAPSHOT, snapshot)]
+        uniques = pending_uniques()
+        if uniques:
+            entries.append((UNIQUES, uniques))
         batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
         kept: set[int] = set()  # old segments holding a batch acknowledged within KEEP_S
         for (seq, shard), (payload, acked, home) in sorted(self._batches.items()):
@@ -280,6 +306,15 @@ class FileJournal:
         self._fd = self._lock_fd = -1
 
 
+class Replay(NamedTuple):
+    """A dead writer's journal, read."""
+
+    batches: list[tuple[int, int, bytes]]  # (seq, shard, payload), in batch order
+    deltas: Deltas  # in no batch
+    uniques: list[tuple[str, int, int, bytes]]  # in no batch: see ``UNIQUES``
+    top: int  # the highest batch number the writer used
+
+
 class Orphan:
     """A dead writer's journal, held locked while it is replayed."""
 
@@ -289,21 +324,30 @@ class Orphan:
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"{self.writer}.*.seg"))
 
-    def read(self) -> tuple[list[tuple[int, int, bytes]], Deltas, int]:
-        """(batches as (seq, shard, payload), the deltas in no batch, the highest seq)."""
+    def read(self) -> Replay:
+        """What the dead writer left to send."""
         batches: dict[tuple[int, int], bytes] = {}
         meter = Meter()
+        uniques: dict[tuple[str, int], tuple[int, set[bytes]]] = {}
         top = 0
         for path in self.segments():
             for kind, body in _entries(path.read_bytes()):
-                if kind == SNAPSHOT:
-                    meter = Meter()
+                if kind == SNAPSHOT:  # (the segment's UNIQUES snapshot follows it)
+                    meter, uniques = Meter(), {}
                     for key, values in body:
                         meter.merge(tuple(key), values)
                 elif kind == DELTA:
                     meter.add(*body)
+                elif kind == UNIQUES:
+                    for consumer, day, latest_s, members in body:
+                        known = uniques.get((consumer, day))
+                        if known is None:
+                            known = uniques[consumer, day] = (latest_s, set())
+                        elif known[0] < latest_s:
+                            known = uniques[consumer, day] = (latest_s, known[1])
+                        known[1].update(members[i : i + 8] for i in range(0, len(members), 8))
                 elif kind == TAKEN:
-                    meter = Meter()  # every delta so far is inside batch ``body``
+                    meter, uniques = Meter(), {}  # all so far is inside batch ``body``
                     top = max(top, int(body))
                 elif kind == BATCH:
                     seq, shard, payload = body
@@ -312,7 +356,8 @@ class Orphan:
                 elif kind == HIGH:
                     top = max(top, int(body))
         ordered = [(seq, shard, payload) for (seq, shard), payload in sorted(batches.items())]
-        return ordered, meter.take(), top
+        days = [(c, d, latest_s, b"".join(sorted(m))) for (c, d), (latest_s, m) in uniques.items()]
+        return Replay(ordered, meter.take(), days, top)
 
     def release(self) -> None:
         """Everything reached Redis: the journal goes."""

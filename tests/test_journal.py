@@ -38,7 +38,7 @@ def test_a_journal_holds_exactly_what_is_not_in_a_batch(tmp_path: Path) -> None:
     assert [o.writer for o in orphans(tmp_path, "someone-else")] == []  # w1 is alive
     journal.close(clean=False)  # a crash, as far as the files can tell
     [orphan] = list(orphans(tmp_path, "someone-else"))
-    batches, deltas, top = orphan.read()
+    batches, deltas, _, top = orphan.read()
     assert batches == [(1, 0, b"batch-1"), (2, 3, b"records-only")]
     assert top == 2
     assert sorted((key[3], values[0]) for key, values in deltas.items()) == [("/x", 1), ("/y", 1)]
@@ -63,7 +63,7 @@ def test_compaction_keeps_only_what_is_needed_and_a_torn_tail_is_ignored(tmp_pat
     with (tmp_path / "w2.00000002.seg").open("ab") as segment:
         segment.write(b"\x00\x00\x10\x00D\x93")  # a kill in the middle of a write
     [orphan] = list(orphans(tmp_path, "live"))
-    batches, deltas, _ = orphan.read()
+    batches, deltas, _, _ = orphan.read()
     assert batches == [(7, 1, b"unacknowledged")]
     assert [values[0] for values in deltas.values()] == [101]
     orphan.abandon()
@@ -110,7 +110,7 @@ def test_compaction_leaves_acknowledged_batches_in_their_segment(tmp_path: Path)
     journal.delta(ROW)
     journal.close(clean=False)
     [orphan] = list(orphans(tmp_path, "live"))
-    batches, deltas, top = orphan.read()
+    batches, deltas, _, top = orphan.read()
     assert batches == [(1, 0, b"acknowledged"), (2, 0, b"in flight")]
     assert top == 2
     assert [values[0] for values in deltas.values()] == [1]  # the snapshot supersedes segment 1
@@ -186,7 +186,7 @@ def test_a_compacted_journal_remembers_the_highest_batch_number(
     journal.delta(ROW)
     journal.close(clean=False)
     [orphan] = list(orphans(tmp_path, "live"))
-    batches, deltas, top = orphan.read()
+    batches, deltas, _, top = orphan.read()
     assert (batches, top) == ([], 5)
     assert [values[0] for values in deltas.values()] == [1]
     orphan.abandon()
@@ -231,9 +231,60 @@ def test_a_compaction_after_a_long_outage_writes_every_batch_still_in_flight(
     journal.compact({})
     journal.close(clean=False)
     [orphan] = list(orphans(tmp_path, "live"))
-    batches, _, top = orphan.read()
+    batches, _, _, top = orphan.read()
     assert [(seq, payload) for seq, _, payload in batches] == [
         (seq, b"batch %d" % seq) for seq in range(1, 3001)
     ]
     assert top == 3000
     orphan.abandon()
+
+
+def test_unique_clients_are_journaled_until_a_batch_takes_them(tmp_path: Path) -> None:
+    """A sealing pass journals the members it saw first; a TAKEN marker (the counters' batch)
+    covers them; a compaction's snapshot carries those still pending, and only those."""
+    journal = FileJournal(tmp_path, "w8", rotate_s=0)
+    journal.uniques([["acme", 20000, 1_728_000_100, b"AAAAAAAA"]])
+    journal.packed("w8", 1, {0: b"counters"}, took_deltas=True)  # AAAAAAAA is inside it
+    journal.uniques([["acme", 20000, 1_728_000_200, b"BBBBBBBBCCCCCCCC"]])
+    journal.uniques([["acme", 20000, 1_728_000_150, b"DDDDDDDD"], ["hooli", 20000, 7, b"EEEEEEEE"]])
+    journal.compact({}, lambda: [["acme", 20000, 1_728_000_300, b"BBBBBBBBCCCCCCCCDDDDDDDD"]])
+    journal.uniques([["acme", 20001, 1_728_086_500, b"FFFFFFFF"]])
+    journal.close(clean=False)
+    [orphan] = list(orphans(tmp_path, "live"))
+    replay = orphan.read()
+    assert sorted(replay.uniques) == [
+        ("acme", 20000, 1_728_000_300, b"BBBBBBBBCCCCCCCCDDDDDDDD"),  # hooli went with compaction
+        ("acme", 20001, 1_728_086_500, b"FFFFFFFF"),
+    ]
+    orphan.abandon()
+
+
+async def test_a_killed_workers_unique_clients_are_counted_by_its_adopter(
+    redis, settings: Settings
+) -> None:
+    """Unique clients travel with the counters (every 5 s by default): a worker killed before
+    that loses none of the clients whose records it had sealed."""
+    own = settings.replace(consumer_header="X-Consumer", counter_flush_interval=300)
+    dead = Meterwall(ok_app, settings=own)
+    dead.flusher.start()
+    headers = [(b"x-consumer", b"acme")]
+    await dead(http_scope(headers=headers, client=("192.0.2.99", 1000)), body_receive(), _discard)
+    assert await dead.flusher.flush_once() is True  # the first flush sends the counters too
+    for n in range(12):
+        scope = http_scope(headers=headers, client=(f"192.0.2.{n % 3}", 1000))
+        await dead(scope, body_receive(), _discard)
+    assert await dead.flusher.flush_once() is True  # records sent; counters and uniques not
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    reader = UsageReader(redis, own.keyspace())
+    assert await reader.unique_clients("acme", day) == 1
+    dead.flusher._task.cancel()  # killed: no shutdown, no last flush
+    dead.flusher.journal.close(clean=False)
+    survivor = Meterwall(ok_app, settings=own)
+    survivor.flusher.start()
+    assert await survivor.flusher.flush_once() is True  # adopts the dead worker's journal
+    assert survivor.flusher.journals_adopted == 1
+    assert await reader.unique_clients("acme", day) == 4
+    rows = await reader.totals("acme", day[:7], [])
+    assert sum(r["requests"] for r in rows) == 13
+    await survivor.aclose()
+    await dead.flusher._redis.aclose()
