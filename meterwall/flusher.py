@@ -86,12 +86,15 @@ _CACHE_LIMIT = 65536
 
 class _DayClients:
     """One consumer's distinct clients of one UTC day not sent yet, and the time of its latest
-    request, whose 15-minute bucket sets the count's expiry."""
+    request, whose 15-minute bucket sets the count's expiry. The members are kept joined as
+    well: a journal snapshot during a long outage copies them instead of joining a set of
+    thousands of them every few seconds."""
 
-    __slots__ = ("latest_s", "members")
+    __slots__ = ("joined", "latest_s", "members")
 
     def __init__(self, time_s: int) -> None:
         self.members: set[bytes] = set()
+        self.joined = bytearray()
         self.latest_s = time_s
 
 
@@ -361,6 +364,19 @@ class Flusher:
                     await self.daily_keys.prepare(day, redis)
             except (RedisError, OSError) as exc:
                 self._failed(exc)  # seal with local keys; they are published later
+        try:
+            await self._seal_rows(exchanges)
+        finally:  # also when cancelled (a shutdown's timeout) in the middle of a backlog
+            if self._uniques_fresh:
+                self._journal_uniques()
+            # Caches that hold plaintext addresses live no longer than one flush (DESIGN).
+            self._address_cache.clear()
+            self._uniques_members.clear()
+            self.pseudonyms.clear_caches()
+            self.daily_keys.clear_caches()
+            forget_addresses()
+
+    async def _seal_rows(self, exchanges: list[tuple[Any, ...]]) -> None:
         yield_at = time.perf_counter_ns() + _SLICE_NS
         for row in exchanges:
             try:
@@ -374,20 +390,14 @@ class Flusher:
             self.outbox.put(sealed, sealed_size(sealed))
             now = time.perf_counter_ns()
             if now > yield_at:  # requests must not wait behind a backlog
+                if self._uniques_fresh:  # a kill during the wait loses no client found so far
+                    self._journal_uniques()
                 await asyncio.sleep(0)
                 back = time.perf_counter_ns()
                 # Under load the loop is away for many requests' steps: a slice of at least
                 # half that time keeps the flusher's share of the CPU above a third, enough
                 # to keep up with what the requests hand it (else records pile up in memory).
                 yield_at = back + max(_SLICE_NS, (back - now) // 2)
-        if self._uniques_fresh:
-            self._journal_uniques()
-        # Caches that hold plaintext addresses live no longer than one flush (DESIGN).
-        self._address_cache.clear()
-        self._uniques_members.clear()
-        self.pseudonyms.clear_caches()
-        self.daily_keys.clear_caches()
-        forget_addresses()
 
     async def _read_restrictions(self, redis: Redis) -> None:
         """The restricted subjects, read at most once a second (so a restriction holds within
@@ -496,6 +506,7 @@ class Flusher:
             clients.latest_s = time_s
         if member not in clients.members:
             clients.members.add(member)
+            clients.joined += member
             self._uniques_fresh.setdefault((consumer, day_number), []).append(member)
 
     def _journal_uniques(self) -> None:
@@ -511,7 +522,7 @@ class Flusher:
 
     def _pending_uniques(self) -> list[list[Any]]:
         """Every unique-client member not sent yet, as the journal's snapshot holds them."""
-        return [[consumer, day, clients.latest_s, b"".join(clients.members)]
+        return [[consumer, day, clients.latest_s, bytes(clients.joined)]
                 for (consumer, day), clients in self._uniques.items()]  # fmt: skip
 
     def _uniques_by_shard(self, days: Iterable[Sequence[Any]]) -> dict[int, list[list[Any]]]:
@@ -613,6 +624,8 @@ class Flusher:
                 BATCH_VERSION, writer, seq, self._retention,
                 [[kind, bucket, name, n, at] for (kind, bucket, name), (n, at) in counters.items()],
                 groups, data_keys, stats, uniques, int(self.settings.lateness), int(trim),
+                [self._aggregate_retention[kind] for kind in (KIND_15M, KIND_1H, KIND_DAY,
+                                                              KIND_MONTH)],
             ],
             use_bin_type=False,  # Redis's cmsgpack reads raw strings, not the bin type
         )  # fmt: skip
@@ -801,7 +814,8 @@ class Flusher:
     def health(self) -> dict[str, Any]:
         """The flusher's state for ``meterwall.health()``."""
         running = self._task is not None and not self._task.done()
-        state = "stopped" if not running else "degraded" if self.last_error else "ok"
+        degraded = self.last_error or self.journal_error  # (no journal: a kill loses counts)
+        state = "stopped" if not running else "degraded" if degraded else "ok"
         return {
             "state": "misconfigured" if self.misconfigured else state,
             "misconfigured": self.misconfigured,
@@ -815,6 +829,7 @@ class Flusher:
             "records_dropped": self._dropped_total + self.inbox.dropped + self.outbox.dropped,
             "batches_refused": self.batches_refused,
             "last_error": self.last_error,
+            "journal_error": self.journal_error,
             "last_flush_ok": self.last_flush_ok,
         }
 

@@ -49,6 +49,11 @@ HIGH = b"H"[0]  # the writer's highest batch number so far (a new segment must n
 # They travel with the counters (TAKEN covers them too) but are found at sealing, not on the
 # request path: each sealing pass journals the members it saw first.
 UNIQUES = b"U"[0]
+# A compaction's snapshot: [deltas as SNAPSHOT holds them, uniques as UNIQUES holds them], in
+# one entry, so a kill in the middle of writing it cannot leave one without the other (a torn
+# entry is ignored and the old segments, not yet deleted, still hold both). SNAPSHOT entries
+# (deltas only) of journals written before it are still read.
+SNAPSHOT_ALL = b"Z"[0]
 # A DELTA body is the msgpack array of ``Meter.add``'s ten arguments. ``FileJournal.delta``
 # encodes it by hand: integers as msgpack int64 (marker 0xd3 and 8 bytes, valid for any value
 # that fits), the text fields as cached msgpack strings.
@@ -174,7 +179,9 @@ class FileJournal:
             buffers += [_HEAD.pack(len(packed), kind), packed]
         if len(buffers) > _IOV_MAX:  # a compaction after a long outage: one joined buffer
             buffers = [b"".join(buffers)]
-        os.writev(self._fd, buffers)
+        size = sum(len(buffer) for buffer in buffers)
+        if os.writev(self._fd, buffers) != size:  # a full disk: never delete what it replaces
+            raise OSError(f"journal: short write to segment {self._segment}")
 
     def delta(self, row: Sequence[Any]) -> None:
         """One ``write`` per request, and cheap to encode: the same DELTA entry as
@@ -196,7 +203,9 @@ class FileJournal:
                 self._delta_parts.clear()
             self._delta_parts[texts] = parts
         head, names, tail = parts
-        os.write(self._fd, b"".join((head, start, names, counts, tail)))
+        entry = b"".join((head, start, names, counts, tail))
+        if os.write(self._fd, entry) != len(entry):  # a full disk
+            raise OSError(f"journal: short write to segment {self._segment}")
 
     def packed(self, writer: str, seq: int, batches: dict[int, bytes], took_deltas: bool) -> None:
         self._top = max(self._top, seq)
@@ -266,10 +275,9 @@ class FileJournal:
         snapshot = [[list(key), values] for key, values in pending_deltas.items()]
         # The highest batch number goes first: an adopter sends the leftover deltas as the next
         # batch, and a number at or below the writer's high-water mark would be dropped.
-        entries: list[tuple[int, Any]] = [(HIGH, self._top), (SNAPSHOT, snapshot)]
-        uniques = pending_uniques()
-        if uniques:
-            entries.append((UNIQUES, uniques))
+        entries: list[tuple[int, Any]] = [
+            (HIGH, self._top), (SNAPSHOT_ALL, [snapshot, pending_uniques()])
+        ]  # fmt: skip
         batches: dict[tuple[int, int], tuple[bytes, float, int]] = {}
         kept: set[int] = set()  # old segments holding a batch acknowledged within KEEP_S
         for (seq, shard), (payload, acked, home) in sorted(self._batches.items()):
@@ -332,20 +340,16 @@ class Orphan:
         top = 0
         for path in self.segments():
             for kind, body in _entries(path.read_bytes()):
-                if kind == SNAPSHOT:  # (the segment's UNIQUES snapshot follows it)
+                if kind in (SNAPSHOT, SNAPSHOT_ALL):
                     meter, uniques = Meter(), {}
-                    for key, values in body:
+                    deltas, days = (body, []) if kind == SNAPSHOT else body
+                    for key, values in deltas:
                         meter.merge(tuple(key), values)
+                    _add_uniques(uniques, days)
                 elif kind == DELTA:
                     meter.add(*body)
                 elif kind == UNIQUES:
-                    for consumer, day, latest_s, members in body:
-                        known = uniques.get((consumer, day))
-                        if known is None:
-                            known = uniques[consumer, day] = (latest_s, set())
-                        elif known[0] < latest_s:
-                            known = uniques[consumer, day] = (latest_s, known[1])
-                        known[1].update(members[i : i + 8] for i in range(0, len(members), 8))
+                    _add_uniques(uniques, body)
                 elif kind == TAKEN:
                     meter, uniques = Meter(), {}  # all so far is inside batch ``body``
                     top = max(top, int(body))
@@ -395,6 +399,18 @@ def orphans(directory: Path, live: str) -> Iterator[Orphan]:
             orphan.release()
             continue
         yield orphan
+
+
+def _add_uniques(
+    uniques: dict[tuple[str, int], tuple[int, set[bytes]]], days: list[list[Any]]
+) -> None:
+    for consumer, day, latest_s, members in days:
+        known = uniques.get((consumer, day))
+        if known is None:
+            known = uniques[consumer, day] = (latest_s, set())
+        elif known[0] < latest_s:
+            known = uniques[consumer, day] = (latest_s, known[1])
+        known[1].update(members[i : i + 8] for i in range(0, len(members), 8))
 
 
 def _delta_parts(texts: tuple[str, ...]) -> tuple[bytes, bytes, bytes]:

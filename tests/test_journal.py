@@ -288,3 +288,39 @@ async def test_a_killed_workers_unique_clients_are_counted_by_its_adopter(
     assert sum(r["requests"] for r in rows) == 13
     await survivor.aclose()
     await dead.flusher._redis.aclose()
+
+
+def test_a_compaction_cut_short_by_a_kill_loses_no_unique_client(tmp_path: Path) -> None:
+    """The snapshot of the deltas and the unique clients is one entry: torn, it is ignored,
+    and the old segment (a kill before its deletion) still holds both."""
+    journal = FileJournal(tmp_path, "w9", rotate_s=0)
+    journal.delta(ROW)
+    journal.uniques([["acme", 20000, 100, b"AAAAAAAABBBBBBBB"]])
+    old = (tmp_path / "w9.00000001.seg").read_bytes()
+    journal.compact({}, lambda: [["acme", 20000, 100, b"AAAAAAAABBBBBBBB"]])
+    journal.close(clean=False)
+    new = tmp_path / "w9.00000002.seg"
+    new.write_bytes(new.read_bytes()[:-5])  # the kill came in the middle of the snapshot...
+    (tmp_path / "w9.00000001.seg").write_bytes(old)  # ...before the old segment went
+    [orphan] = list(orphans(tmp_path, "live"))
+    replay = orphan.read()
+    assert replay.uniques == [("acme", 20000, 100, b"AAAAAAAABBBBBBBB")]
+    assert [values[0] for values in replay.deltas.values()] == [1]
+    orphan.abandon()
+
+
+async def test_a_journal_that_cannot_be_written_degrades_health_and_requests_go_on(
+    redis, settings: Settings, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    own = settings.replace(journal_dir=str(blocker / "journal"))
+    mw = Meterwall(ok_app, settings=own)
+    await mw(http_scope(), body_receive(), _discard)  # starts the flusher, which opens it
+    health = mw.health()
+    assert health["state"] == "degraded"
+    assert "Not a directory" in health["journal_error"]
+    assert await mw.aclose()  # the request's count still reached Redis
+    month = datetime.now(UTC).strftime("%Y-%m")
+    rows = await UsageReader(redis, own.keyspace()).totals("", month, [])
+    assert sum(r["requests"] for r in rows) == 1

@@ -12,6 +12,7 @@ from meterwall import ConfigurationError, FixedClock, Meterwall
 from meterwall.consumers import ConsumerRegistry
 from meterwall.periods import adjustments, close_period
 from meterwall.usage import UsageReader
+from tests.helpers import command_calls, command_calls_since
 from tests.test_cli import meterwall
 from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
@@ -270,6 +271,43 @@ async def test_an_older_backlog_batch_does_not_shorten_a_usage_keys_expiry(redis
     }
     for key, expires in expected.items():
         assert abs(time.time() + await redis.ttl(key) - expires) <= 3, key
+
+
+async def test_a_lowered_retention_cuts_back_the_expiry_of_the_keys_being_written(
+    redis, settings
+) -> None:
+    """Moving later only must not pin an expiry that the operator has since shortened."""
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    for retention_day in (40 * 86400, 10 * 86400):  # the deployment lowers MW_RETENTION_DAY
+        own = settings.replace(consumer_header="X-Consumer", retention_day=retention_day)
+        clock = FixedClock(0)
+        writer = Meterwall(ok_app, settings=own, clock=clock)
+        await send_at(writer, clock, f"{day}T08:00:00", "acme", client=("192.0.2.7", 1000))
+        await writer.aclose()
+    keyspace = settings.keyspace()
+    expires = at(f"{day}T08:00:00") // 10**9 + 10 * 86400
+    for key in (keyspace.counters_day("acme", day), keyspace.uniques("acme", day)):
+        assert abs(time.time() + await redis.ttl(key) - expires) <= 3, key
+
+
+async def test_an_unchanged_expiry_is_not_set_again(redis, settings) -> None:
+    """TTL rounds to the nearest second, the script's clock down: an equal expiry must not read
+    as an earlier one (an EXPIREAT per hash and flush for nothing). Counters only: a record
+    batch sets its stream's and index's expiry every time."""
+    own = settings.replace(consumer_header="X-Consumer", records="off")
+    clock = FixedClock(0)
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    first = Meterwall(ok_app, settings=own, clock=clock)
+    await send_at(first, clock, f"{day}T08:00:00", "acme")
+    await first.aclose()
+    for n in range(20):  # the same 15-minute bucket: the same expiry, each time
+        writer = Meterwall(ok_app, settings=own, clock=clock)
+        await send_at(writer, clock, f"{day}T08:0{n % 10}:00", "acme")
+        before = await command_calls(redis)
+        await writer.aclose()
+        calls = await command_calls_since(redis, before)
+        assert calls.get("ttl", 0) >= 4, calls  # 15 minutes, hour, day, month
+        assert "expireat" not in calls, calls
 
 
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(

@@ -4,7 +4,7 @@
 --          its hash slot on Redis Cluster)
 -- ARGV[1]  msgpack (bytes packed as raw strings: cmsgpack has no bin type):
 --          {version = 4, writer, seq, retention_s, counters, records, data_keys, stats,
---           uniques, lateness_s, trim}
+--           uniques, lateness_s, trim, aggregate_retention}
 --   counters  {{kind, bucket, field, delta, expire_at}, ...}: kind 1 = 15 minutes and 2 = hour
 --             (bucket = start time; hash of the shard), 3 = day and 4 = month in the consumer's
 --             billing zone (bucket = "consumer:YYYY-MM-DD" or "consumer:YYYY-MM")
@@ -19,6 +19,9 @@
 --   stats     {{field, delta}, ...}
 --   trim      1: remove the slices past the ceiling now; 0: not this time (a writer asks every
 --             few seconds per shard, not with every batch); absent (older writers): 1
+--   aggregate_retention  {15 minutes, hour, day, month} retention in seconds (unique clients
+--             follow days): an expiry further away than that is cut back (a lowered setting,
+--             a writer whose clock ran ahead); absent (older writers): never cut back
 --
 -- Redis does not roll a script back, so the whole input is validated before the first write.
 -- The batch is applied only if seq is above the writer's high-water mark for this shard: a
@@ -39,9 +42,15 @@ end
 if retention > 86400 then return bad('retention above the 24-hour ceiling') end
 local now = tonumber(redis.call('TIME')[1])
 local counters, records, dkeys, stats, uniques = b[5], b[6], b[7], b[8], b[9]
-local lateness, trim = b[10], b[11]
+local lateness, trim, ceiling = b[10], b[11], b[12]
 if type(lateness) ~= 'number' or lateness < 1 then return bad('lateness') end
 if trim ~= nil and trim ~= 0 and trim ~= 1 then return bad('trim') end
+if ceiling ~= nil then
+  if type(ceiling) ~= 'table' or #ceiling ~= 4 then return bad('aggregate retention') end
+  for _, n in ipairs(ceiling) do
+    if type(n) ~= 'number' or n < 1 then return bad('aggregate retention') end
+  end
+end
 for _, t in ipairs({counters, records, dkeys, stats, uniques}) do
   if type(t) ~= 'table' then return bad('sections') end
 end
@@ -86,7 +95,7 @@ end
 -- A closed month is never changed silently: its month deltas become adjustments, its day
 -- deltas are left out (the day series stays equal to the closed snapshot). Deltas for a
 -- 15-minute bucket older than the lateness bound are applied and counted as late.
-local expiring, closed = {}, {}
+local expiring, expiring_kind, closed = {}, {}, {}
 local function is_closed(month_bucket)
   if closed[month_bucket] == nil then
     closed[month_bucket] = redis.call('EXISTS', p .. 'closed:' .. month_bucket) == 1
@@ -99,11 +108,14 @@ for _, c in ipairs(counters) do
   local key = p .. kinds[c[1]] .. bucket
   local delta = string.format('%d', c[4])
   if c[1] == 4 and is_closed(bucket) then
-    redis.call('HINCRBY', p .. 'adj:' .. bucket, c[3], delta)
-    expiring[p .. 'adj:' .. bucket] = math.max(expiring[p .. 'adj:' .. bucket] or 0, c[5])
+    key = p .. 'adj:' .. bucket
+    redis.call('HINCRBY', key, c[3], delta)
+    expiring[key] = math.max(expiring[key] or 0, c[5])
+    expiring_kind[key] = 4
   elseif not (c[1] == 3 and is_closed(string.sub(bucket, 1, #bucket - 3))) then
     redis.call('HINCRBY', key, c[3], delta)
     expiring[key] = math.max(expiring[key] or 0, c[5])
+    expiring_kind[key] = c[1]
   end
   if c[1] == 1 and now - c[2] > lateness and string.sub(c[3], -9) == '\031requests' then
     late = late + c[4]
@@ -119,13 +131,19 @@ for _, u in ipairs(uniques) do
   end
   if #args > 0 then redis.call('PFADD', key, unpack(args)) end
   expiring[key] = math.max(expiring[key] or 0, u[3])
+  expiring_kind[key] = 3
 end
 -- An expiry only moves later: a batch of older requests (a backlog, another writer's late
--- flush) must not cut short what a newer batch set. TTL, not EXPIRETIME: Redis 6.2 too; -1
--- (a new key, or one whose expiry was lost) takes the batch's.
+-- flush) must not cut short what a newer batch set. It is cut back only when it lies further
+-- away than the retention itself (a lowered setting; a writer whose clock ran ahead). TTL,
+-- not EXPIRETIME: Redis 6.2 too; -1 (a new key, or one whose expiry was lost) takes the
+-- batch's. TTL rounds to the nearest second and `now` is rounded down, so an equal expiry
+-- reads as up to a second early: the + 1 keeps it from being set again.
 for key, at in pairs(expiring) do
   local ttl = redis.call('TTL', key)
-  if ttl < 0 or now + ttl < at then redis.call('EXPIREAT', key, string.format('%d', at)) end
+  if ttl < 0 or now + ttl + 1 < at or (ceiling and ttl > ceiling[expiring_kind[key]] + 900) then
+    redis.call('EXPIREAT', key, string.format('%d', at))
+  end
 end
 
 for _, k in ipairs(dkeys) do
