@@ -662,7 +662,7 @@ class Flusher:
             self._settle(shard, reply, "a batch")
             # "applied", or "duplicate": an earlier attempt of this very batch landed.
             seq, _, _ = self._pending.pop(shard)
-            self.journal.applied(self.writer, shard, seq)
+            self._journal_applied(shard, seq)
 
     # -- journal -----------------------------------------------------------------------------
 
@@ -674,6 +674,12 @@ class Flusher:
         try:
             self.journal = FileJournal(self._journal_dir, self.writer)
         except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_applied(self, shard: int, seq: int) -> None:
+        try:
+            self.journal.applied(self.writer, shard, seq)
+        except OSError as exc:  # a full disk, not Redis: the batch did land
             self._journal_failed(exc)
 
     def _journal_failed(self, exc: OSError) -> None:
@@ -748,7 +754,7 @@ class Flusher:
                 self._settle(shard, reply, "a re-sent batch")
                 seq = first[shard][0]
                 self._resend.remove((seq, shard, first[shard][1]))
-                self.journal.applied(self.writer, shard, seq)  # acknowledged again: a new window
+                self._journal_applied(shard, seq)  # acknowledged again: a new window
 
     def _failed(self, exc: BaseException) -> None:
         self.journal.hold_recent()  # a restart is found out only once Redis answers again

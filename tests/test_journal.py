@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import resource
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -324,3 +327,58 @@ async def test_a_journal_that_cannot_be_written_degrades_health_and_requests_go_
     month = datetime.now(UTC).strftime("%Y-%m")
     rows = await UsageReader(redis, own.keyspace()).totals("", month, [])
     assert sum(r["requests"] for r in rows) == 1
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A disk that fills up, for real: the kernel writes up to ``limit`` bytes of a file and
+    answers a short write, then EFBIG (SIGXFSZ ignored meanwhile, else it ends the process)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("entry", ["delta", "applied", "uniques"])
+def test_a_short_write_raises(tmp_path: Path, entry: str) -> None:
+    journal = FileJournal(tmp_path, "w10", rotate_s=0)
+    journal.delta(ROW)
+    journal.packed("w10", 1, {0: b"batch"}, took_deltas=True)
+    size = (tmp_path / "w10.00000001.seg").stat().st_size
+    write = {"delta": lambda: journal.delta(ROW), "applied": lambda: journal.applied("w10", 0, 1),
+             "uniques": lambda: journal.uniques([["acme", 1, 2, b"AAAAAAAA"]])}[entry]  # fmt: skip
+    with file_size_limit(size + 3), pytest.raises(OSError, match="short write"):
+        write()  # 3 bytes of it landed
+    assert (tmp_path / "w10.00000001.seg").stat().st_size == size + 3
+    journal.close(clean=False)
+
+
+async def test_a_full_disk_when_a_batch_is_acknowledged_turns_the_journal_off(
+    redis, settings: Settings
+) -> None:
+    """Not taken for Redis being away: the batch landed, the flusher goes on without a journal
+    (reported by health) and nothing more is appended after the torn entry."""
+    own = settings.replace(records="off", consumer_header="X-Consumer")
+    mw = Meterwall(ok_app, settings=own)
+    fl = mw.flusher
+    await mw(http_scope(headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    assert isinstance(fl.journal, FileJournal)
+    await fl._pack(counters_due=True)
+    [segment] = segments(Path(own.journal_dir))
+    with file_size_limit(segment.stat().st_size + 2):
+        await fl._send(fl._client())  # Redis applies the batch; its APPLIED entry is torn
+    assert fl._pending == {}
+    health = mw.health()
+    assert "short write" in (health["journal_error"] or "")
+    assert health["last_error"] is None  # Redis answered
+    size = segment.stat().st_size
+    await mw(http_scope(headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    assert segment.stat().st_size == size
+    assert await mw.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    rows = await UsageReader(redis, own.keyspace()).totals("acme", month, [])
+    assert sum(r["requests"] for r in rows) == 2

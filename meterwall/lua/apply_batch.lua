@@ -46,9 +46,11 @@ local lateness, trim, ceiling = b[10], b[11], b[12]
 if type(lateness) ~= 'number' or lateness < 1 then return bad('lateness') end
 if trim ~= nil and trim ~= 0 and trim ~= 1 then return bad('trim') end
 if ceiling ~= nil then
-  if type(ceiling) ~= 'table' or #ceiling ~= 4 then return bad('aggregate retention') end
-  for _, n in ipairs(ceiling) do
-    if type(n) ~= 'number' or n < 1 then return bad('aggregate retention') end
+  if type(ceiling) ~= 'table' then return bad('aggregate retention') end
+  for kind = 1, 4 do  -- (not ipairs: it would stop at a hole)
+    if type(ceiling[kind]) ~= 'number' or ceiling[kind] < 1 then
+      return bad('aggregate retention')
+    end
   end
 end
 for _, t in ipairs({counters, records, dkeys, stats, uniques}) do
@@ -135,13 +137,17 @@ for _, u in ipairs(uniques) do
 end
 -- An expiry only moves later: a batch of older requests (a backlog, another writer's late
 -- flush) must not cut short what a newer batch set. It is cut back only when it lies further
--- away than the retention itself (a lowered setting; a writer whose clock ran ahead). TTL,
--- not EXPIRETIME: Redis 6.2 too; -1 (a new key, or one whose expiry was lost) takes the
--- batch's. TTL rounds to the nearest second and `now` is rounded down, so an equal expiry
--- reads as up to a second early: the + 1 keeps it from being set again.
+-- away than the retention itself (a lowered setting; a writer whose clock ran ahead), and then
+-- to the retention from now: not to this batch's, which may be older than the key's latest
+-- request. TTL, not EXPIRETIME: Redis 6.2 too; -1 (a new key, or one whose expiry was lost)
+-- takes the batch's. TTL rounds to the nearest second and `now` is rounded down, so an equal
+-- expiry reads as up to a second early: the + 1 keeps it from being set again.
 for key, at in pairs(expiring) do
   local ttl = redis.call('TTL', key)
-  if ttl < 0 or now + ttl + 1 < at or (ceiling and ttl > ceiling[expiring_kind[key]] + 900) then
+  local longest = ceiling and ceiling[expiring_kind[key]]
+  if longest and ttl > longest + 900 then
+    redis.call('EXPIREAT', key, string.format('%d', now + longest))
+  elseif ttl < 0 or now + ttl + 1 < at then
     redis.call('EXPIREAT', key, string.format('%d', at))
   end
 end
