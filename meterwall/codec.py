@@ -1,17 +1,24 @@
 """Record compression before sealing: zstd with a dictionary of what every record repeats.
 
 A record is mostly the same keys, header names and media types; a dictionary built from them
-lets zstd shrink a typical 1.8 KB record to about 150 bytes in about 5 µs (measured in
-docs/keyspace.md), so 24 hours of raw records fit in a small Redis. Compressing before
-encrypting is safe here: records are sealed at rest, one per envelope, and no attacker can
-inject chosen text next to a secret and watch the sealed size change (no CRIME/BREACH setting).
+lets zstd shrink a typical 1.8 KB record to a few hundred bytes in a few microseconds, so 24
+hours of raw records fit in a small Redis. Compressing before encrypting is safe here: records
+are sealed at rest, one per envelope, and no attacker can inject chosen text next to a secret
+and watch the sealed size change (no CRIME/BREACH setting).
 
-The codec byte inside the sealed plaintext says how to read it. ``DICTIONARY_V1`` must never
-change: records sealed with it must stay readable for their 24 hours. A better dictionary is
-codec 2.
+The codec byte inside the sealed plaintext says how to read it. Codec 1 uses ``DICTIONARY_V1``,
+a dictionary of raw text; codec 2 (what ``encode`` writes) a trained one, which also carries
+zstd's entropy tables, so a frame need not build its own: about half the CPU and two thirds of
+the bytes of codec 1 per record (``scripts/train_record_dictionary.py`` says how it was made and
+what it was trained on: synthetic records, never real traffic). Both dictionaries are frozen:
+records compressed with them must stay readable for their 24 hours, so the shipped file is
+checked against its SHA-256 here. A better dictionary is codec 3.
 """
 
 from __future__ import annotations
+
+import hashlib
+from importlib.resources import files
 
 import zstandard
 
@@ -19,6 +26,7 @@ from .errors import InvalidRecord
 
 CODEC_RAW = 0
 CODEC_ZSTD_V1 = 1
+CODEC_ZSTD_V2 = 2
 MAX_RECORD = 64 * 1024 * 1024  # a record never decompresses to more than this
 
 #: Frozen: the shape of a record, its common headers and values (codec 1).
@@ -38,16 +46,35 @@ DICTIONARY_V1 = (
     b'"kind":"form","form":""}}'
 )
 
-_DICT = zstandard.ZstdCompressionDict(DICTIONARY_V1)
+#: Frozen: the trained dictionary of codec 2, shipped beside this module.
+DICTIONARY_V2_SHA256 = "be429d13d0da4c4e7db23124cc9ad79aef2a6d867cad49732b5cfd693b8d2834"
+
+
+def _dictionary_v2() -> zstandard.ZstdCompressionDict:
+    data = files(__package__).joinpath("record_dictionary_v2.zdict").read_bytes()
+    if hashlib.sha256(data).hexdigest() != DICTIONARY_V2_SHA256:
+        # Records written with another file could not be read by the other workers.
+        raise RuntimeError("meterwall: record_dictionary_v2.zdict is damaged; reinstall")
+    dictionary = zstandard.ZstdCompressionDict(data, dict_type=zstandard.DICT_TYPE_FULLDICT)
+    dictionary.precompute_compress(level=1)
+    return dictionary
+
+
+_DICT_V1 = zstandard.ZstdCompressionDict(DICTIONARY_V1)
+_DICT_V2 = _dictionary_v2()
 _COMPRESSOR = zstandard.ZstdCompressor(
-    level=1, dict_data=_DICT, write_checksum=False, write_dict_id=False
+    level=1, dict_data=_DICT_V2, write_checksum=False, write_dict_id=False
 )
-_DECOMPRESSOR = zstandard.ZstdDecompressor(dict_data=_DICT)
+_DECOMPRESSORS = {
+    CODEC_ZSTD_V1: zstandard.ZstdDecompressor(dict_data=_DICT_V1),
+    CODEC_ZSTD_V2: zstandard.ZstdDecompressor(dict_data=_DICT_V2),
+}
+_CODEC_V2 = bytes((CODEC_ZSTD_V2,))
 
 
 def encode(plain: bytes) -> bytes:
     """Codec byte + compressed record."""
-    return bytes((CODEC_ZSTD_V1,)) + _COMPRESSOR.compress(plain)
+    return _CODEC_V2 + _COMPRESSOR.compress(plain)
 
 
 def decode(data: bytes) -> bytes:
@@ -57,9 +84,10 @@ def decode(data: bytes) -> bytes:
     codec = data[0]
     if codec == CODEC_RAW:
         return data[1:]
-    if codec == CODEC_ZSTD_V1:
-        try:
-            return _DECOMPRESSOR.decompress(data[1:], max_output_size=MAX_RECORD)
-        except zstandard.ZstdError:
-            raise InvalidRecord("record failed to decompress") from None
-    raise InvalidRecord("unknown record codec")
+    decompressor = _DECOMPRESSORS.get(codec)
+    if decompressor is None:
+        raise InvalidRecord("unknown record codec")
+    try:
+        return decompressor.decompress(data[1:], max_output_size=MAX_RECORD)
+    except zstandard.ZstdError:
+        raise InvalidRecord("record failed to decompress") from None

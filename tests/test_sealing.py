@@ -97,3 +97,35 @@ def test_records_are_compressed_before_sealing_and_raw_ones_still_open() -> None
         decode(encode(record)[:-3])  # a truncated frame
     with pytest.raises(InvalidRecord):
         decode(b"\x07" + record)  # a codec this version does not know
+
+
+def test_codec_2_is_written_and_codec_1_records_stay_readable() -> None:
+    """Records sealed before the trained dictionary (codec 1) are readable for their 24 hours;
+    on a typical record the trained one (codec 2) takes fewer bytes."""
+    import zstandard
+
+    from meterwall.codec import CODEC_ZSTD_V1, CODEC_ZSTD_V2, DICTIONARY_V1, decode, encode
+
+    record = (
+        b'{"v":2,"method":"GET","route":"/v1/orders/{order_id}","path":"/v1/orders/o_81f3",'
+        b'"query":"expand=customer","scheme":"https","http_version":"1.1","host":"10.0.0.5:8000",'
+        b'"status":200,"error":false,"disconnected":false,"duration_ms":12.84,"ttfb_ms":12.1,'
+        b'"bytes_in":0,"bytes_out":734,"decision":"admitted","consumer":"acme","key_id":null,'
+        b'"client":{"ip":"198.51.100.23","pseudonym":"' + os.urandom(16).hex().encode() + b'",'
+        b'"prefix_pseudonym":"' + os.urandom(16).hex().encode() + b'"},"headers":[["host",'
+        b'"api.example.com"],["user-agent","python-requests/2.32.3"],["accept","*/*"],'
+        b'["accept-encoding","gzip, deflate"],["authorization","Bearer fp:3f9a0c1d2e4b"]],'
+        b'"body":{"kind":"empty"}}'
+    )
+    written = encode(record)
+    assert written[0] == CODEC_ZSTD_V2
+    assert decode(written) == record
+    v1 = zstandard.ZstdCompressor(
+        level=1, dict_data=zstandard.ZstdCompressionDict(DICTIONARY_V1), write_dict_id=False,
+        write_checksum=False,
+    )  # fmt: skip
+    earlier = bytes((CODEC_ZSTD_V1,)) + v1.compress(record)
+    assert decode(earlier) == record
+    assert len(written) < len(earlier)
+    with pytest.raises(InvalidRecord):
+        decode(bytes((CODEC_ZSTD_V1,)) + written[1:])  # read with the other dictionary
