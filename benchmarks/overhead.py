@@ -264,7 +264,7 @@ async def stage_breakdown(
         ("build_record", time_us(lambda: build_record(ex, red, address,
          pseudonyms), k), "includes the three redactions above + orjson"),
         ("seal", time_us(lambda: fl.sealer.seal(plain, ex.start_ns, RECORD_ID), k),
-         f"AES-256-GCM of a {len(plain)} B record"),
+         f"zstd (record codec 2) and AES-256-GCM of a {len(plain)} B record"),
         ("flusher _seal (all per-record work)", time_us(lambda: fl._seal(row), k),
          "resolve + pseudonyms + build_record + seal + index ids"),
     ]  # fmt: skip
