@@ -108,12 +108,14 @@ def _host(token: str) -> str:
     return token
 
 
-# An IP address standing in other text: a dotted quad not glued to a word or another dot, or
-# an IPv6 address (two colons at least, an IPv4 tail, a zone) not glued to a word, dot or colon.
+# An IP address standing in other text: a dotted quad not glued to a word or another dot and not
+# a product version (``Chrome/131.0.0.0``: a word, a slash, the quad; a URL's ``//1.2.3.4`` or a
+# path's `` /1.2.3.4`` still counts), or an IPv6 address (two colons at least, an IPv4 tail, a
+# zone) not glued to a word, dot or colon.
 # Bounded repetitions only: linear. A candidate is an address only if canonical_ip parses it
 # (so "12:30:45" or a MAC address stay as they are).
 _ADDRESS_IN_TEXT = re.compile(
-    r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])"
+    r"(?<![\w.])(?<!\w/)\d{1,3}(?:\.\d{1,3}){3}(?![\w.])"
     r"|(?<![\w.:])(?=[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}"
     r"(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.-]+)?(?![\w.:])"
 )

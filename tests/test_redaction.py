@@ -180,7 +180,9 @@ def test_single_address_headers(redactor: Redactor, name: str) -> None:
      ("x-network", "1.2.3.4/32", "{1.2.3.4}/32"),
      ("x-labelled", "ip:1.2.3.4, client:5.6.7.8", "ip:{1.2.3.4}, client:{5.6.7.8}"),
      ("x-mapped", "::ffff:1.2.3.4", "{1.2.3.4}"),
-     ("x-link-local", "fe80::1%eth0, [fe80::2%25eth0]:80", "{fe80::1}, [{fe80::2}]:80")],
+     ("x-link-local", "fe80::1%eth0, [fe80::2%25eth0]:80", "{fe80::1}, [{fe80::2}]:80"),
+     ("x-url", "http://203.0.113.9/path", "http://{203.0.113.9}/path"),
+     ("x-path", "see /10.0.0.1", "see /{10.0.0.1}")],
 )  # fmt: skip
 def test_every_address_standing_in_any_header_is_pseudonymised(
     redactor: Redactor, name: str, value: str, expected: str
@@ -198,7 +200,9 @@ def test_every_address_standing_in_any_header_is_pseudonymised(
      ("x-glued", "ip:203.0.113.9x"), ("x-five-parts", "1.2.3.4.5"), ("x-octet", "256.1.1.1"),
      ("x-mac", "00:1a:2b:3c:4d:5e"), ("host", "10.0.0.5:8000"),
      ("date", "Mon, 30 Nov 2026 05:00:00 GMT"),
-     ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0.6099.109 Safari/537.36")],
+     ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0.6099.109 Safari/537.36"),
+     ("user-agent", "Mozilla/5.0 (Windows NT 10.0) Chrome/131.0.0.0 Safari/537.36"),
+     ("x-client", "MyApp/1.0.0.1 (build 7)")],
 )  # fmt: skip
 def test_values_without_an_address_and_the_host_stay_as_they_are(
     redactor: Redactor, name: str, value: str

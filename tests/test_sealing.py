@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +131,22 @@ def test_codec_2_is_written_and_codec_1_records_stay_readable() -> None:
     assert len(written) < len(earlier)
     with pytest.raises(InvalidRecord):
         decode(bytes((CODEC_ZSTD_V1,)) + written[1:])  # read with the other dictionary
+
+
+def test_records_are_compressed_and_read_from_many_threads_at_once() -> None:
+    """zstd contexts shared between threads crash the process: each thread gets its own. In a
+    child process, so that a crash fails this test rather than ending the suite."""
+    code = (
+        "import threading\n"
+        "from meterwall.codec import decode, encode\n"
+        "def work(n):\n"
+        "    for i in range(3000):\n"
+        '        record = b\'{"v":2,"n":%d,"path":"/v1/orders/%d"}\' % (n, i)\n'
+        "        assert decode(encode(record)) == record\n"
+        "threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, b"ok"), done.stderr[-2000:]
