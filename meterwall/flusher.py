@@ -82,6 +82,9 @@ _LENGTH = struct.Struct(">I")
 _SERVER_CHECK_EVERY = 5.0  # seconds
 _REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
 _CACHE_LIMIT = 65536
+# What one pending unique-client member costs in memory (the 8-byte member as a bytes object,
+# its set slot, its copy in the joined bytearray): MW_BUFFER_BYTES bounds them too.
+_UNIQUE_MEMBER_BYTES = 100
 
 
 class _DayClients:
@@ -144,6 +147,10 @@ class Flusher:
         self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
         self._uniques_fresh: dict[tuple[str, int], list[bytes]] = {}  # not in the journal yet
+        self._uniques_pending = 0  # members in _uniques
+        self._uniques_limit = settings.buffer_bytes // _UNIQUE_MEMBER_BYTES
+        self._uniques_dropped = 0  # members refused at the limit, not yet reported to Redis
+        self._uniques_dropped_total = 0
         self._trim_at: dict[int, int] = {}  # shard -> when (clock s) to ask for a trim again
         self._consumers: dict[str, Consumer] = {}
         self._next_registry_read = 0.0
@@ -203,6 +210,7 @@ class Flusher:
         self._counters.clear()
         self._uniques.clear()
         self._uniques_fresh.clear()
+        self._uniques_pending = self._uniques_dropped = 0
         self.meter.take()
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
@@ -500,14 +508,21 @@ class Flusher:
             member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
             self._uniques_members[ip16] = member
         clients = self._uniques.get((consumer, day_number))
+        if clients is not None and member in clients.members:
+            if clients.latest_s < time_s:
+                clients.latest_s = time_s
+            return
+        if self._uniques_pending >= self._uniques_limit:  # Redis away for long: memory bounded
+            self._uniques_dropped += 1
+            return
         if clients is None:
             clients = self._uniques[consumer, day_number] = _DayClients(time_s)
         elif clients.latest_s < time_s:
             clients.latest_s = time_s
-        if member not in clients.members:
-            clients.members.add(member)
-            clients.joined += member
-            self._uniques_fresh.setdefault((consumer, day_number), []).append(member)
+        self._uniques_pending += 1
+        clients.members.add(member)
+        clients.joined += member
+        self._uniques_fresh.setdefault((consumer, day_number), []).append(member)
 
     def _journal_uniques(self) -> None:
         """The members this sealing pass saw first, in one journal entry: a killed worker's
@@ -589,11 +604,16 @@ class Flusher:
             uniques = self._uniques_by_shard(self._pending_uniques())
             self._uniques.clear()
             self._uniques_fresh.clear()  # inside this batch, which the journal gets next
+            self._uniques_pending = 0
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
             self._dropped_total += dropped
             stats.append(["records_dropped", dropped])
+        if self._uniques_dropped:
+            stats.append(["unique_members_dropped", self._uniques_dropped])
+            self._uniques_dropped_total += self._uniques_dropped
+            self._uniques_dropped = 0
         shards = set(self._counters) | set(grouped) | set(uniques) | ({0} if stats else set())
         if not shards:
             return
@@ -833,6 +853,7 @@ class Flusher:
             "queued_bytes": self.inbox.bytes + self.outbox.bytes,
             "pending_batches": len(self._pending) + len(self._resend),
             "records_dropped": self._dropped_total + self.inbox.dropped + self.outbox.dropped,
+            "unique_members_dropped": self._uniques_dropped_total + self._uniques_dropped,
             "batches_refused": self.batches_refused,
             "last_error": self.last_error,
             "journal_error": self.journal_error,

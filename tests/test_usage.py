@@ -329,6 +329,34 @@ async def test_an_unchanged_expiry_is_not_set_again(redis, settings) -> None:
         assert "expireat" not in calls, calls
 
 
+async def test_unique_clients_waiting_for_redis_are_bounded_and_the_rest_counted_as_dropped(
+    redis, settings
+) -> None:
+    """MW_BUFFER_BYTES bounds the members held between counter flushes too (a long outage with
+    many clients): beyond the bound a client is not added, and how many were not is stored."""
+    own = settings.replace(consumer_header="X-Consumer", counter_flush_interval=300,
+                           buffer_bytes=64 * 1024)  # fmt: skip
+    limit = own.buffer_bytes // 100  # 655 members of about 100 bytes each
+    mw = Meterwall(ok_app, settings=own)
+    mw.flusher.start()
+    headers = [(b"x-consumer", b"acme")]
+    await mw(http_scope(headers=headers, client=("192.0.2.1", 1)), body_receive(), _discard)
+    assert await mw.flusher.flush_once()  # the first flush sends the counters: none pending
+    for n in range(limit + 45):
+        client = (f"10.0.{n // 250}.{n % 250}", 1000)
+        await mw(http_scope(headers=headers, client=client), body_receive(), _discard)
+        if n % 50 == 49:
+            assert await mw.flusher.flush_once()  # records sealed; uniques stay pending
+    assert await mw.flusher.flush_once()
+    assert mw.health()["unique_members_dropped"] == 45
+    await mw.aclose()
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    counted = await UsageReader(redis, own.keyspace()).unique_clients("acme", day)
+    assert abs(counted - (1 + limit)) <= 8  # HyperLogLog: within about 1%
+    stats = await redis.hgetall(own.keyspace().stats(0))
+    assert int(stats[b"unique_members_dropped"]) == 45
+
+
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
     redis, settings
 ) -> None:
