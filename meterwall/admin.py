@@ -272,7 +272,7 @@ def admin_app(
             "redis": {"ping_ms": round(latency_ms, 3), "eviction_policy": policy,
                       "run_id": await server_run_id(redis)},
             "shards": shards,
-            "counts": totals,  # records_dropped, records_expired_before_store, late_requests
+            "counts": totals,  # every field of the stats hashes (docs/keyspace.md), summed
             "warnings": [] if policy in (None, "noeviction") else
                         [f"maxmemory-policy is {policy}: counts may be lost or doubled"],
         })  # fmt: skip
