@@ -82,9 +82,12 @@ _LENGTH = struct.Struct(">I")
 _SERVER_CHECK_EVERY = 5.0  # seconds
 _REFUSED = ("meterwall: bad batch", "meterwall: batch is not msgpack")
 _CACHE_LIMIT = 65536
-# What one pending unique-client member costs in memory (the 8-byte member as a bytes object,
-# its set slot, its copy in the joined bytearray): MW_BUFFER_BYTES bounds them too.
+# What pending unique-client members cost in memory, measured with tracemalloc: a member (the
+# 8-byte member as a bytes object, its set slot, its copy in the joined bytearray) and a
+# consumer's day (its _DayClients, empty set and bytearray, dict entry and key). MW_BUFFER_BYTES
+# bounds them too.
 _UNIQUE_MEMBER_BYTES = 100
+_UNIQUE_DAY_BYTES = 450
 
 
 class _DayClients:
@@ -147,9 +150,8 @@ class Flusher:
         self._uniques_key = b""  # the key of day _uniques_day
         self._uniques_members: dict[bytes, bytes] = {}
         self._uniques_fresh: dict[tuple[str, int], list[bytes]] = {}  # not in the journal yet
-        self._uniques_pending = 0  # members in _uniques
-        self._uniques_limit = settings.buffer_bytes // _UNIQUE_MEMBER_BYTES
-        self._uniques_dropped = 0  # members refused at the limit, not yet reported to Redis
+        self._uniques_bytes = 0  # what _uniques holds, estimated
+        self._uniques_dropped = 0  # adds refused at the bound, not yet reported to Redis
         self._uniques_dropped_total = 0
         self._trim_at: dict[int, int] = {}  # shard -> when (clock s) to ask for a trim again
         self._consumers: dict[str, Consumer] = {}
@@ -210,7 +212,7 @@ class Flusher:
         self._counters.clear()
         self._uniques.clear()
         self._uniques_fresh.clear()
-        self._uniques_pending = self._uniques_dropped = 0
+        self._uniques_bytes = self._uniques_dropped = 0
         self.meter.take()
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
@@ -508,18 +510,18 @@ class Flusher:
             member = hmac.new(key, ip16, hashlib.sha256).digest()[:8]
             self._uniques_members[ip16] = member
         clients = self._uniques.get((consumer, day_number))
-        if clients is not None and member in clients.members:
+        if clients is not None:
             if clients.latest_s < time_s:
                 clients.latest_s = time_s
-            return
-        if self._uniques_pending >= self._uniques_limit:  # Redis away for long: memory bounded
-            self._uniques_dropped += 1
+            if member in clients.members:
+                return
+        cost = _UNIQUE_MEMBER_BYTES + (_UNIQUE_DAY_BYTES if clients is None else 0)
+        if self._uniques_bytes + cost > self.settings.buffer_bytes:  # Redis away for long
+            self._uniques_dropped += 1  # (a request's add: its client may be counted already)
             return
         if clients is None:
             clients = self._uniques[consumer, day_number] = _DayClients(time_s)
-        elif clients.latest_s < time_s:
-            clients.latest_s = time_s
-        self._uniques_pending += 1
+        self._uniques_bytes += cost
         clients.members.add(member)
         clients.joined += member
         self._uniques_fresh.setdefault((consumer, day_number), []).append(member)
@@ -604,14 +606,14 @@ class Flusher:
             uniques = self._uniques_by_shard(self._pending_uniques())
             self._uniques.clear()
             self._uniques_fresh.clear()  # inside this batch, which the journal gets next
-            self._uniques_pending = 0
+            self._uniques_bytes = 0
         stats: list[list[Any]] = []
         dropped = self.inbox.take_dropped() + self.outbox.take_dropped()
         if dropped:
             self._dropped_total += dropped
             stats.append(["records_dropped", dropped])
         if self._uniques_dropped:
-            stats.append(["unique_members_dropped", self._uniques_dropped])
+            stats.append(["unique_adds_dropped", self._uniques_dropped])
             self._uniques_dropped_total += self._uniques_dropped
             self._uniques_dropped = 0
         shards = set(self._counters) | set(grouped) | set(uniques) | ({0} if stats else set())
@@ -853,7 +855,7 @@ class Flusher:
             "queued_bytes": self.inbox.bytes + self.outbox.bytes,
             "pending_batches": len(self._pending) + len(self._resend),
             "records_dropped": self._dropped_total + self.inbox.dropped + self.outbox.dropped,
-            "unique_members_dropped": self._uniques_dropped_total + self._uniques_dropped,
+            "unique_adds_dropped": self._uniques_dropped_total + self._uniques_dropped,
             "batches_refused": self.batches_refused,
             "last_error": self.last_error,
             "journal_error": self.journal_error,

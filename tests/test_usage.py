@@ -329,32 +329,40 @@ async def test_an_unchanged_expiry_is_not_set_again(redis, settings) -> None:
         assert "expireat" not in calls, calls
 
 
-async def test_unique_clients_waiting_for_redis_are_bounded_and_the_rest_counted_as_dropped(
+async def test_unique_clients_waiting_for_redis_are_bounded_and_refused_adds_counted(
     redis, settings
 ) -> None:
     """MW_BUFFER_BYTES bounds the members held between counter flushes too (a long outage with
-    many clients): beyond the bound a client is not added, and how many were not is stored."""
+    many clients): about 100 bytes a member and 450 a consumer's day. Past the bound a request's
+    client is not added and the request is counted (each of them: an upper bound on the clients
+    missing); the day's latest request still sets the count's expiry."""
     own = settings.replace(consumer_header="X-Consumer", counter_flush_interval=300,
-                           buffer_bytes=64 * 1024)  # fmt: skip
-    limit = own.buffer_bytes // 100  # 655 members of about 100 bytes each
-    mw = Meterwall(ok_app, settings=own)
+                           buffer_bytes=64 * 1024, retention_day=40 * 86400)  # fmt: skip
+    accepted = (own.buffer_bytes - 450) // 100  # 650
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=own, clock=clock)
     mw.flusher.start()
-    headers = [(b"x-consumer", b"acme")]
-    await mw(http_scope(headers=headers, client=("192.0.2.1", 1)), body_receive(), _discard)
+    day = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    await send_at(mw, clock, f"{day}T07:00:00", "acme", client=("192.0.2.1", 1))
     assert await mw.flusher.flush_once()  # the first flush sends the counters: none pending
-    for n in range(limit + 45):
-        client = (f"10.0.{n // 250}.{n % 250}", 1000)
-        await mw(http_scope(headers=headers, client=client), body_receive(), _discard)
+    for n in range(accepted + 48):
+        await send_at(
+            mw, clock, f"{day}T08:00:00", "acme", client=(f"10.0.{n // 250}.{n % 250}", 1)
+        )
         if n % 50 == 49:
             assert await mw.flusher.flush_once()  # records sealed; uniques stay pending
+    for _ in range(2):  # a refused client again, later in the day
+        await send_at(mw, clock, f"{day}T22:00:00", "acme", client=("10.9.9.9", 1))
     assert await mw.flusher.flush_once()
-    assert mw.health()["unique_members_dropped"] == 45
+    assert mw.health()["unique_adds_dropped"] == 50
     await mw.aclose()
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    counted = await UsageReader(redis, own.keyspace()).unique_clients("acme", day)
-    assert abs(counted - (1 + limit)) <= 8  # HyperLogLog: within about 1%
-    stats = await redis.hgetall(own.keyspace().stats(0))
-    assert int(stats[b"unique_members_dropped"]) == 45
+    keyspace = own.keyspace()
+    counted = await UsageReader(redis, keyspace).unique_clients("acme", day)
+    assert abs(counted - (1 + accepted)) <= 8  # HyperLogLog: within about 1%
+    stats = await redis.hgetall(keyspace.stats(0))
+    assert int(stats[b"unique_adds_dropped"]) == 50
+    expires = at(f"{day}T22:00:00") // 10**9 + 40 * 86400
+    assert abs(time.time() + await redis.ttl(keyspace.uniques("acme", day)) - expires) <= 3
 
 
 async def test_writers_agree_on_the_days_random_key_and_it_goes_with_the_window(
