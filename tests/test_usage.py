@@ -358,7 +358,9 @@ async def test_unique_clients_waiting_for_redis_are_bounded_and_refused_adds_cou
     await mw.aclose()
     keyspace = own.keyspace()
     counted = await UsageReader(redis, keyspace).unique_clients("acme", day)
-    assert abs(counted - (1 + accepted)) <= 8  # HyperLogLog: within about 1%
+    # A HyperLogLog of ~650 members (its day key is random per run) is off by about 4 (one
+    # sd of linear counting over 16,384 registers); unbounded, it would count 699.
+    assert abs(counted - (1 + accepted)) <= 24
     stats = await redis.hgetall(keyspace.stats(0))
     assert int(stats[b"unique_adds_dropped"]) == 50
     expires = at(f"{day}T22:00:00") // 10**9 + 40 * 86400
