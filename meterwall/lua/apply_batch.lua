@@ -97,7 +97,11 @@ end
 -- A closed month is never changed silently: its month deltas become adjustments, its day
 -- deltas are left out (the day series stays equal to the closed snapshot). Deltas for a
 -- 15-minute bucket older than the lateness bound are applied and counted as late.
-local expiring, expiring_kind, closed = {}, {}, {}
+local expiring, closed = {}, {}  -- key -> {latest expiry of the batch, kind}
+local function expire_with(key, at, kind)
+  local known = expiring[key]
+  if known == nil then expiring[key] = {at, kind} elseif at > known[1] then known[1] = at end
+end
 local function is_closed(month_bucket)
   if closed[month_bucket] == nil then
     closed[month_bucket] = redis.call('EXISTS', p .. 'closed:' .. month_bucket) == 1
@@ -110,14 +114,11 @@ for _, c in ipairs(counters) do
   local key = p .. kinds[c[1]] .. bucket
   local delta = string.format('%d', c[4])
   if c[1] == 4 and is_closed(bucket) then
-    key = p .. 'adj:' .. bucket
-    redis.call('HINCRBY', key, c[3], delta)
-    expiring[key] = math.max(expiring[key] or 0, c[5])
-    expiring_kind[key] = 4
+    redis.call('HINCRBY', p .. 'adj:' .. bucket, c[3], delta)
+    expire_with(p .. 'adj:' .. bucket, c[5], 4)
   elseif not (c[1] == 3 and is_closed(string.sub(bucket, 1, #bucket - 3))) then
     redis.call('HINCRBY', key, c[3], delta)
-    expiring[key] = math.max(expiring[key] or 0, c[5])
-    expiring_kind[key] = c[1]
+    expire_with(key, c[5], c[1])
   end
   if c[1] == 1 and now - c[2] > lateness and string.sub(c[3], -9) == '\031requests' then
     late = late + c[4]
@@ -132,8 +133,7 @@ for _, u in ipairs(uniques) do
     if #args >= 1000 then redis.call('PFADD', key, unpack(args)); args = {} end
   end
   if #args > 0 then redis.call('PFADD', key, unpack(args)) end
-  expiring[key] = math.max(expiring[key] or 0, u[3])
-  expiring_kind[key] = 3
+  expire_with(key, u[3], 3)  -- unique clients follow the days
 end
 -- An expiry only moves later: a batch of older requests (a backlog, another writer's late
 -- flush) must not cut short what a newer batch set. It is cut back only when it lies further
@@ -142,9 +142,9 @@ end
 -- request. TTL, not EXPIRETIME: Redis 6.2 too; -1 (a new key, or one whose expiry was lost)
 -- takes the batch's. TTL rounds to the nearest second and `now` is rounded down, so an equal
 -- expiry reads as up to a second early: the + 1 keeps it from being set again.
-for key, at in pairs(expiring) do
-  local ttl = redis.call('TTL', key)
-  local longest = ceiling and ceiling[expiring_kind[key]]
+for key, e in pairs(expiring) do
+  local at, ttl = e[1], redis.call('TTL', key)
+  local longest = ceiling and ceiling[e[2]]
   if longest and ttl > longest + 900 then
     redis.call('EXPIREAT', key, string.format('%d', now + longest))
   elseif ttl < 0 or now + ttl + 1 < at then
