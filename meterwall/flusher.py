@@ -46,6 +46,7 @@ from .metering import (
     Increments,
     Meter,
     counter_increments,
+    merge_increments,
 )
 from .plugins import ValueRedactor
 from .pseudonyms import HOUR, IpPseudonymiser, derive, keyed_id
@@ -592,15 +593,7 @@ class Flusher:
         increments = counter_increments(
             deltas, self.zone_of, self._weight_of, self._aggregate_retention
         )
-        for consumer, rows in increments.items():
-            merged = self._counters.setdefault(self.keyspace.shard_of(consumer), {})
-            for key, (value, expire_at) in rows.items():
-                known = merged.get(key)
-                if known is None:
-                    merged[key] = [value, expire_at]
-                else:
-                    known[0] += value
-                    known[1] = max(known[1], expire_at)
+        self._merge_by_shard(self._counters, increments)
         uniques: dict[int, list[list[Any]]] = {}
         if counters_due:  # with the counters: not two more commands in every record batch
             uniques = self._uniques_by_shard(self._pending_uniques())
@@ -635,6 +628,13 @@ class Flusher:
             self.journal.packed(self.writer, self._seq, batches, counters_due)
         except OSError as exc:
             self._journal_failed(exc)
+
+    def _merge_by_shard(
+        self, into: dict[int, Increments], increments: dict[str, Increments]
+    ) -> None:
+        """Each consumer's increments into its shard's (``merge_increments``)."""
+        for consumer, rows in increments.items():
+            merge_increments(into.setdefault(self.keyspace.shard_of(consumer), {}), rows)
 
     def _payload(
         self, writer: str, seq: int, counters: dict[Any, list[int]], groups: list[list[Any]],
@@ -723,11 +723,8 @@ class Flusher:
                 increments = counter_increments(
                     deltas, self.zone_of, self._weight_of, self._aggregate_retention
                 )
-                by_shard: dict[int, dict[Any, list[int]]] = {}
-                for consumer, rows in increments.items():
-                    merged = by_shard.setdefault(self.keyspace.shard_of(consumer), {})
-                    for key, (value, expire_at) in rows.items():
-                        merged.setdefault(key, [0, expire_at])[0] += value
+                by_shard: dict[int, Increments] = {}
+                self._merge_by_shard(by_shard, increments)
                 uniques = self._uniques_by_shard(days)
                 for shard in sorted(by_shard.keys() | uniques.keys()):  # one more batch of it
                     payload = self._payload(orphan.writer, top + 1, by_shard.get(shard, {}), [],

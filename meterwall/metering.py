@@ -93,6 +93,18 @@ class Meter:
 Increments = dict[tuple[int, int | str, str], list[int]]
 
 
+def merge_increments(into: Increments, rows: Increments) -> None:
+    """Add ``rows`` to ``into``: values summed, each keeping the later expiry (a counters hash
+    is kept a retention after its latest bucket, whichever batch brought it)."""
+    for key, (value, expire_at) in rows.items():
+        known = into.get(key)
+        if known is None:
+            into[key] = [value, expire_at]
+        else:
+            known[0] += value
+            known[1] = max(known[1], expire_at)
+
+
 def counter_increments(
     deltas: Deltas,
     zone_of: Callable[[str, int], str],
