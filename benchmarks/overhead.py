@@ -41,7 +41,7 @@ from meterwall.buffer import ByteBoundedQueue
 from meterwall.capture import Captured, Exchange
 from meterwall.clientip import TrustedProxies, canonical_ip
 from meterwall.embedded import EmbeddedRedis
-from meterwall.flusher import Flusher, sealed_size
+from meterwall.flusher import Flusher, queued_size, sealed_size
 from meterwall.journal import FileJournal
 from meterwall.metering import Meter
 from meterwall.pseudonyms import HOUR
@@ -213,7 +213,8 @@ async def stage_breakdown(
     queue: ByteBoundedQueue[tuple[Any, ...]] = ByteBoundedQueue(settings.buffer_bytes)
 
     def enqueue() -> None:
-        queue.put(exchange.captured(), len(body))
+        row = exchange.captured()
+        queue.put(row, queued_size(row))
         if len(queue) >= k:
             queue.take(k)
 

@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from .apikeys import ApiKey, KeyStore
+from .capture import app_path
 from .clientip import TrustedProxies
 from .consumers import ConsumerRegistry
 from .errors import ConfigurationError
@@ -224,7 +225,8 @@ class AccessControl:
         return rule
 
     async def decide(self, scope: Scope) -> Decision:
-        rule = self.rule_for(scope.get("method", "GET"), scope.get("path", "/"))
+        path = app_path(scope)
+        rule = self.rule_for(scope.get("method", "GET"), path)
         address = self._client_address(scope)
         if not self._network_ok(address, ()):
             return Decision(403, "network")
@@ -266,7 +268,7 @@ class AccessControl:
         if time.monotonic() < self._down_until:  # Redis was away a moment ago: no waiting
             return self._unlimited(key)
         try:
-            verdict = await self.limiter.admit(key.consumer, key.plan, scope.get("path", "/"))
+            verdict = await self.limiter.admit(key.consumer, key.plan, path)
         except Exception as exc:
             self._down_until = time.monotonic() + 5
             log.warning("meterwall: rate and quota check could not reach Redis: %s", exc)

@@ -8,6 +8,7 @@ expensive (client-IP resolution, redaction, pseudonyms, sealing) happens later i
 
 from __future__ import annotations
 
+import os
 import time
 from itertools import chain
 from typing import Any, NamedTuple
@@ -72,8 +73,10 @@ class Exchange:
 
     __slots__ = (
         "_body_limit",
+        "_body_sent",
         "_receive",
         "_send",
+        "_sent_all",
         "_t0",
         "body",
         "bytes_in",
@@ -116,6 +119,8 @@ class Exchange:
         self.key_id = ""
         self.denied = ""  # the access decision's reason when the request was refused
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()  # added to the response start
+        self._body_sent = True  # whether response body bytes reach the client (not for HEAD)
+        self._sent_all = False  # the response is complete
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -132,19 +137,31 @@ class Exchange:
                     if room > 0:
                         self.body.append(chunk[:room])
                     self.truncated = True
-        elif kind == "http.disconnect":
+        elif kind == "http.disconnect" and not self._sent_all:
+            # Streaming and file responses keep listening, and servers answer a disconnect once
+            # the response is complete: only one before the last body byte is the client's.
             self.disconnected = True
         return message
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            self.bytes_out += len(message.get("body", b""))
+            if self._body_sent:  # not for HEAD, 1xx, 204 or 304: the server sends no body
+                self.bytes_out += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._sent_all = True
         elif kind == "http.response.start":
-            self.status = message["status"]
+            status = self.status = message["status"]
             self.ttfb_ns = time.perf_counter_ns() - self._t0
+            self._body_sent = not (
+                status < 200 or status in (204, 304) or self.scope.get("method") == "HEAD"
+            )
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+        elif kind in ("http.response.pathsend", "http.response.zerocopysend"):
+            self._sent_all = True
+            if self._body_sent:
+                self.bytes_out += _file_size(message)
         try:
             await self._send(message)
         except OSError:
@@ -167,20 +184,51 @@ class Exchange:
             body[0] if len(body) == 1 else b"".join(body), self.truncated,
         )  # fmt: skip
 
-    def finish(self, root_path: str) -> None:
+    def finish(self, root_path: str, app: Any = None) -> None:
         """Called once the app returned or raised: fix the duration and the route template
-        (unless one is known already: a refused request's, found before the app ran)."""
+        (unless one is known already: a refused request's, found before the app ran).
+        ``app``: the application whose router the request entered (see ``route_template``)."""
         self.duration_ns = time.perf_counter_ns() - self._t0
         if self.route == UNMATCHED:
-            self.route = route_template(self.scope, root_path)
+            self.route = route_template(self.scope, root_path, app)
 
 
-def route_template(scope: Scope, root_path: str) -> str:
+def _file_size(message: Message) -> int:
+    """The bytes a ``pathsend`` or ``zerocopysend`` message (ASGI extensions) hands the server."""
+    try:
+        if message["type"] == "http.response.pathsend":
+            return os.stat(message["path"]).st_size
+        count = message.get("count")
+        if count is None:
+            file = message["file"]
+            size = os.fstat(file if isinstance(file, int) else file.fileno()).st_size
+            return max(0, size - int(message.get("offset") or 0))
+        return int(count)
+    except (OSError, KeyError, TypeError, ValueError):  # the server will report it, not us
+        return 0
+
+
+def app_path(scope: Scope) -> str:
+    """The path the app routes on: ``path`` less the server's ``root_path``.
+
+    An ASGI server started with a root path (``uvicorn --root-path /api`` behind a proxy that
+    strips ``/api``) puts it in front of ``path``, and Starlette removes it again before routing.
+    Access rules and route weights are written against the app's routes, so they match this.
+    """
+    path: str = scope.get("path", "/")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+def route_template(scope: Scope, root_path: str, app: Any = None) -> str:
     """The matched route's path pattern, never the raw path.
 
     Starlette (and FastAPI) routers leave the matched route in ``scope["route"]`` and grow
     ``root_path`` by the prefix of every ``Mount`` they went through, so the template is that
-    prefix plus the route's own pattern.
+    prefix plus the route's own pattern. The mounts are looked up from ``app``'s router (the
+    one the request entered): a mounted sub-application replaces ``scope["app"]`` with itself.
     """
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
@@ -188,7 +236,7 @@ def route_template(scope: Scope, root_path: str) -> str:
         return UNMATCHED
     mounted: str = scope.get("root_path", "")[len(root_path) :]
     if mounted:  # the matched prefix is raw text ("/t/acme"): find the mounts' own patterns
-        mounted = _mount_template(scope, mounted)
+        mounted = _mount_template(app if app is not None else scope.get("app"), mounted)
     if not hasattr(route, "endpoint"):  # a Mount whose app is not a router (static files, ...)
         return (mounted if mounted.endswith(path) else mounted + path) + "/{path}"
     return mounted + path
@@ -225,13 +273,13 @@ def route_before_app(scope: Scope, app: Any) -> str:
     return UNMATCHED
 
 
-def _mount_template(scope: Scope, mounted: str) -> str:
+def _mount_template(app: Any, mounted: str) -> str:
     """The path patterns of the mounts that consumed ``mounted``, or ``<mounted>``.
 
     Raw path text must never reach the counters: it may hold identifiers or secrets, and it
     makes their cardinality unbounded.
     """
-    routes: Any = getattr(getattr(scope.get("app"), "router", None), "routes", None)
+    routes: Any = getattr(getattr(app, "router", None), "routes", None)
     template, rest = "", mounted
     while rest:
         for candidate in routes or ():

@@ -81,12 +81,30 @@ def _as_network(entry: str | IPv4Network | IPv6Network, setting: str) -> IPv4Net
         raise ConfigurationError(setting, f"{entry!r} is not an address or CIDR ({exc})") from None
 
 
+#: The forwarding headers a proxy may write (``MW_PROXY_HEADER``).
+PROXY_HEADERS = ("x-forwarded-for", "forwarded")
+
+
 class TrustedProxies:
-    """The reverse proxies whose forwarding headers we believe; empty means believe none."""
+    """The reverse proxies whose forwarding header we believe; empty means believe none.
 
-    __slots__ = ("_by_mask", "_key", "_networks")
+    Only the one header the proxies write is read (``header``): a proxy that appends to
+    X-Forwarded-For passes a client's own ``Forwarded`` header through untouched, so reading
+    both would let a client choose its address.
+    """
 
-    def __init__(self, networks: Iterable[str | IPv4Network | IPv6Network] = ()) -> None:
+    __slots__ = ("_by_mask", "_header", "_key", "_networks")
+
+    def __init__(
+        self,
+        networks: Iterable[str | IPv4Network | IPv6Network] = (),
+        *,
+        header: str = "x-forwarded-for",
+    ) -> None:
+        if header not in PROXY_HEADERS:
+            choices = ", ".join(PROXY_HEADERS)
+            raise ConfigurationError("MW_PROXY_HEADER", f"must be one of {choices}")
+        self._header = header.encode()
         nets = [_as_network(n, "MW_TRUSTED_PROXIES") for n in networks]
         self._networks = tuple(dict.fromkeys(nets))
         # Everything as 128-bit (mapped) integers grouped by mask: one AND and one set lookup
@@ -98,16 +116,30 @@ class TrustedProxies:
                 value, bits = (0xFFFF << 32) | value, bits + 96
             grouped.setdefault(_ALL ^ ((1 << (128 - bits)) - 1), set()).add(value)
         self._by_mask = tuple((mask, frozenset(values)) for mask, values in grouped.items())
-        self._key = frozenset(self._by_mask)
+        self._key = (frozenset(self._by_mask), self._header)
 
     @classmethod
-    def parse(cls, text: str, *, setting: str = "MW_TRUSTED_PROXIES") -> TrustedProxies:
+    def parse(
+        cls, text: str, *, setting: str = "MW_TRUSTED_PROXIES", header: str = "x-forwarded-for"
+    ) -> TrustedProxies:
         """``"10.0.0.0/8, 127.0.0.1 ::1"``; host bits in a CIDR are an error, not rounded off,
         because a typo in this list widens who may claim to be any client."""
-        return cls([_as_network(e, setting) for e in _LIST_SEP.split(text) if e])
+        return cls([_as_network(e, setting) for e in _LIST_SEP.split(text) if e], header=header)
 
     def __bool__(self) -> bool:
         return bool(self._networks)
+
+    @property
+    def header(self) -> str:
+        return self._header.decode()
+
+    @property
+    def networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return self._networks
+
+    def reading(self, header: str) -> TrustedProxies:
+        """The same proxies, believed in ``header`` (``MW_PROXY_HEADER``)."""
+        return self if header == self.header else TrustedProxies(self._networks, header=header)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrustedProxies) and other._key == self._key
@@ -116,7 +148,7 @@ class TrustedProxies:
         return hash(self._key)
 
     def __repr__(self) -> str:
-        return f"TrustedProxies({[str(n) for n in self._networks]!r})"
+        return f"TrustedProxies({[str(n) for n in self._networks]!r}, header={self.header!r})"
 
     def is_trusted(self, ip16: bytes) -> bool:
         """Whether a canonical address is one of ours (IPv4 networks match mapped addresses)."""
@@ -132,10 +164,7 @@ class TrustedProxies:
         :func:`ip_text` form, port and brackets gone. When the walk meets an entry it cannot use
         (``unknown``, an obfuscated ``_name``, garbage) it stops at the last trusted hop, the
         closest address we can vouch for, rather than trust anything left of the gap. If every
-        hop is trusted the left-most one is the client.
-
-        ``Forwarded`` wins over ``X-Forwarded-For`` when both are present, so the proxy must
-        overwrite (or strip) the one it does not write.
+        hop is trusted the left-most one is the client. Only ``header`` is read.
         """
         if not self._by_mask or peer is None:
             return peer
@@ -143,7 +172,7 @@ class TrustedProxies:
         if ip16 is None or not self.is_trusted(ip16):
             return peer
         last = peer
-        for hop in reversed(_hops(headers)):
+        for hop in reversed(_hops(headers, self._header)):
             ip16 = canonical_ip(hop) if hop else None
             if ip16 is None:
                 return last
@@ -153,11 +182,13 @@ class TrustedProxies:
         return last
 
 
-def _hops(headers: Sequence[tuple[bytes, bytes]]) -> list[str | None]:
-    """Forwarded-for entries, left to right, from every header line in order; ``None`` for an
-    element we cannot read, so the walk stops there."""
-    forwarded = [v for k, v in headers if k == b"forwarded"]
-    if forwarded:
+def _hops(headers: Sequence[tuple[bytes, bytes]], header: bytes) -> list[str | None]:
+    """Forwarded-for entries of ``header``, left to right, from every header line in order;
+    ``None`` for an element we cannot read, so the walk stops there."""
+    if header == b"forwarded":
+        forwarded = [v for k, v in headers if k == b"forwarded"]
+        if not forwarded:
+            return []
         text = ",".join(v.decode("latin-1") for v in forwarded)
         if not _FORWARDED.fullmatch(text):
             return [None]  # an unclosed quote: nothing in it can be located reliably

@@ -74,6 +74,13 @@ _SLICE_NS = 200_000  # the flusher gives the loop back at least every 0.2 ms of 
 Sealed = tuple[int, int, bytes, tuple[bytes, ...], bytes]
 
 
+def queued_size(row: tuple[Any, ...]) -> int:
+    """What a queued exchange (``Exchange.captured``) is charged against ``MW_BUFFER_BYTES``:
+    its body, headers, path and query (large headers are the slowest to redact, so they pile
+    up first) and a fixed overhead."""
+    return len(row[20]) + sum(map(len, row[8])) + len(row[2]) + len(row[3]) + _EXCHANGE_OVERHEAD
+
+
 def sealed_size(sealed: Sealed) -> int:
     """What a sealed record costs the outbox's byte budget."""
     return len(sealed[2]) + 17 * len(sealed[3])
@@ -173,6 +180,7 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: Redis | None = None
+        self._redis_loop: asyncio.AbstractEventLoop | None = None  # the loop it belongs to
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing = False
@@ -238,9 +246,8 @@ class Flusher:
         except OSError as exc:  # a full disk must not fail requests: go on without a journal
             self._journal_failed(exc)
         if self.records_on:
-            self.inbox.put(
-                ex.captured(), min(ex.bytes_in, self.settings.body_limit) + _EXCHANGE_OVERHEAD
-            )
+            row = ex.captured()
+            self.inbox.put(row, queued_size(row))
             if len(self.inbox) >= self.settings.batch_max_records:
                 self._wake.set()
 
@@ -419,6 +426,7 @@ class Flusher:
         try:
             names: list[bytes] = await redis.hkeys(self.keyspace.restricted())  # type: ignore[assignment]
         except (RedisError, OSError):
+            self._lost_contact()
             return
         self._restricted = {n.decode() for n in names}
 
@@ -717,6 +725,7 @@ class Flusher:
             return
         for orphan in orphans(self._journal_dir, self.writer):
             try:
+                await self._read_registry(redis)  # its deltas are billed in consumers' zones
                 batches, deltas, days, top = orphan.read()
                 for _, shard, payload in batches:
                     await self._apply_one(redis, shard, payload)
@@ -775,10 +784,17 @@ class Flusher:
                 self._resend.remove((seq, shard, first[shard][1]))
                 self._journal_applied(shard, seq)  # acknowledged again: a new window
 
+    def _lost_contact(self) -> None:
+        """A command failed, even one whose failure is otherwise shrugged off: the next command
+        may reach a restarted Redis (redis-py reconnects silently) that lost the last batches,
+        so the run id is checked before any batch is sent, and the journal keeps the recent
+        batches to send again until it is. A restart is found out only once Redis answers."""
+        self.journal.hold_recent()
+        self._shards_checked = False
+
     def _failed(self, exc: BaseException) -> None:
-        self.journal.hold_recent()  # a restart is found out only once Redis answers again
+        self._lost_contact()
         self._failures += 1
-        self._shards_checked = False  # look at the server again when it answers
         self.last_error = f"{type(exc).__name__}: {exc}"
         delay = min(5.0, self.settings.flush_interval * 2**self._failures)
         self._retry_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
@@ -786,8 +802,9 @@ class Flusher:
             log.warning("meterwall: Redis unavailable, buffering (%s)", self.last_error)
 
     def _client(self) -> Redis:
-        if self._redis is None:
-            self._redis = connect(self.settings)
+        loop = asyncio.get_running_loop()
+        if self._redis is None or self._redis_loop is not loop:  # a client is bound to its loop
+            self._redis, self._redis_loop = connect(self.settings), loop
         return self._redis
 
     # -- shutdown ----------------------------------------------------------------------------
@@ -822,9 +839,10 @@ class Flusher:
         if task is not None and task.get_loop() is loop:
             await task
         elif self._loop is not loop:  # started in another (maybe closed) loop: start afresh here
-            self._redis = None
             self._lock = asyncio.Lock()
             self._loop = loop
+        if self._redis_loop is not loop:  # another loop's client cannot be closed from this one
+            self._redis = None
         done = await self.flush(timeout)
         if not done:
             log.error("meterwall: shutdown left unflushed data (%s)", self.last_error)

@@ -486,14 +486,23 @@ class Limiter:
         return headers
 
     async def aclose(self) -> None:
-        """Give every unspent token back (graceful shutdown)."""
-        for consumer, tokens in list(self._tokens.items()):
+        """Give every unspent token back (graceful shutdown).
+
+        At the first failure the rest are left to Redis, which reclaims leases at their
+        deadline: one timeout per consumer would outlast a process manager's grace period.
+        """
+        held = list(self._tokens.items())
+        for done, (consumer, tokens) in enumerate(held):
             if tokens.pending is not None:
                 with contextlib.suppress(Exception):
                     await tokens.pending
             if tokens.leases or tokens.rate or tokens.rate_return or tokens.credit:
                 try:
                     await self._call(tokens, consumer, 0, closing=True)
-                except Exception as exc:  # Redis reclaims the leases at their deadline
-                    log.warning("meterwall: could not give leased tokens back: %s", exc)
+                except Exception as exc:
+                    log.warning(
+                        "meterwall: could not give leased tokens back (%s); Redis reclaims the "
+                        "leases of %d consumer(s) at their deadline", exc, len(held) - done,
+                    )  # fmt: skip
+                    break
         self._tokens.clear()

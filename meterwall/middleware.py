@@ -63,6 +63,10 @@ class Meterwall:
         plugins: Iterable[Any] = (),
     ) -> None:
         self.app = app
+        # The router a request enters, for route templates under mounts: the wrapped app's own
+        # (Meterwall(app)), else the Starlette app that runs this middleware (add_middleware),
+        # which is scope["app"] when a request arrives here.
+        self._router_app = app if getattr(app, "router", None) is not None else None
         self.settings = settings if settings is not None else Settings.from_env()
         self.clock = clock
         self.plugins = load_plugins(parse_names(self.settings.plugins), self.settings, plugins)
@@ -115,6 +119,7 @@ class Meterwall:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope, receive, send, self._body_limit, self.clock.now_ns())
         root_path = scope.get("root_path", "")
+        router_app = self._router_app or scope.get("app")
         cost = 0
         try:
             if self.access is not None:
@@ -132,7 +137,7 @@ class Meterwall:
             raise
         finally:
             try:
-                ex.finish(root_path)
+                ex.finish(root_path, router_app)
             except Exception:  # metering must never break the app
                 log.exception("meterwall: could not record a request")
             else:
@@ -186,18 +191,24 @@ class Meterwall:
             return message
 
         async def watch_send(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            # Also when the app's own shutdown failed: what was captured is flushed all the same.
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.aclose()
             await send(message)
 
         await self.app(scope, watch_receive, watch_send)
 
     async def aclose(self, timeout: float = 5.0) -> bool:
-        """Flush everything and stop the flusher; True if nothing was left behind."""
+        """Flush everything and stop the flusher; True if nothing was left behind.
+
+        The flush comes first: it carries the counts, while leased tokens that cannot be given
+        back are reclaimed by Redis anyway.
+        """
+        flushed = await self.flusher.aclose(timeout)
         if self.access is not None:
             await self.access.aclose()
             self._access_loop = None
-        return await self.flusher.aclose(timeout)
+        return flushed
 
     def health(self) -> dict[str, Any]:
         return self.flusher.health()

@@ -12,11 +12,12 @@ import binascii
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .clientip import TrustedProxies
+from .clientip import PROXY_HEADERS, TrustedProxies
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 
@@ -147,6 +148,7 @@ _FROM_TEXT: dict[str, Any] = {
     "pseudonym_secret": parse_secret,
     "trusted_proxies": lambda setting, text: TrustedProxies.parse(text, setting=setting),
     "consumer_header": _parse_optional_str,
+    "proxy_header": lambda setting, text: text.strip().lower(),
     "record_public_key": _parse_optional_str,
     "route_weights": lambda setting, text: parse_weights(setting, text),
 }
@@ -173,6 +175,7 @@ class Settings:
     buffer_bytes: int = 16 * 1024 * 1024
     shards: int = 16
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
+    proxy_header: str = "x-forwarded-for"
     consumer_header: str | None = None
     redis_timeout: float = 2.0
     route_weights: dict[str, int] = field(default_factory=dict)
@@ -197,6 +200,14 @@ class Settings:
     redis_cluster: bool = False
 
     def __post_init__(self) -> None:
+        if self.proxy_header not in PROXY_HEADERS:
+            raise ConfigurationError(
+                env_name("proxy_header"), f"must be one of {', '.join(PROXY_HEADERS)}"
+            )
+        if isinstance(self.trusted_proxies, TrustedProxies):  # believed in that header only
+            object.__setattr__(
+                self, "trusted_proxies", self.trusted_proxies.reading(self.proxy_header)
+            )
         self._check()
 
     @classmethod
@@ -220,9 +231,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def _check(self) -> None:
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(
-                env_name("redis_url"), "must be a redis://, rediss:// or unix:// URL"
+                env_name("redis_url"),
+                "must be a redis://, rediss:// or unix:// URL (Valkey too: same protocol)",
             )
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,32}", self.key_prefix):
             raise ConfigurationError(
@@ -333,6 +345,16 @@ class Settings:
             )
         if self.redis_url.startswith("redis://") and not _is_loopback_url(self.redis_url):
             notes.append("MW_REDIS_URL uses plain redis:// to a non-loopback host (no TLS)")
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.redis_url).query)
+        if [v.lower() for v in query.get("ssl_cert_reqs", ())] in (["none"], ["optional"]) or [
+            v.lower() for v in query.get("ssl_check_hostname", ())
+        ] in (["false"], ["0"], ["no"]):
+            notes.append("MW_REDIS_URL turns TLS certificate or host name checks off")
+        if any(net.prefixlen == 0 for net in self.trusted_proxies.networks):
+            notes.append(
+                "MW_TRUSTED_PROXIES holds a /0 network: every client may set its own address "
+                f"in {self.proxy_header} (records, restrictions and network rules believe it)"
+            )
         return notes
 
 

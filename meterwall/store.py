@@ -41,12 +41,19 @@ def connect(
     cluster delivers a message published on any node to subscribers on every node).
     """
     read_timeout = settings.redis_timeout if timeout == "default" else timeout
+    # A shorter timeout (MW_ACCESS_TIMEOUT) bounds connecting and waiting for a connection too:
+    # an unreachable host must not hold a request longer than a slow answer would.
+    wait = (
+        settings.redis_timeout
+        if read_timeout is None
+        else min(read_timeout, settings.redis_timeout)
+    )
     if settings.redis_cluster and not one_node:
         # Redis Cluster: the client follows MOVED/ASK itself; it never retries on its own.
         cluster = RedisCluster.from_url(
             settings.redis_url,
             socket_timeout=read_timeout,
-            socket_connect_timeout=settings.redis_timeout,
+            socket_connect_timeout=wait,
             retry=Retry(NoBackoff(), 0),
             max_connections=MAX_CONNECTIONS,
         )
@@ -56,9 +63,9 @@ def connect(
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=MAX_CONNECTIONS,
-        timeout=settings.redis_timeout,
+        timeout=wait,
         socket_timeout=read_timeout,
-        socket_connect_timeout=settings.redis_timeout,
+        socket_connect_timeout=wait,
         retry=Retry(NoBackoff(), 0),  # zero retries: a timed-out command is never re-sent
     )
     return Redis.from_pool(pool)  # the client owns the pool and closes it with itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from hashlib import blake2b
@@ -372,3 +373,57 @@ async def test_a_lookup_that_races_a_revocation_answers_but_is_not_cached(
         assert again is not None
         assert answer is None
         assert digest in access._cache  # a lookup with no race is kept
+
+
+async def test_access_rules_match_the_app_path_under_a_server_root_path(redis, settings) -> None:
+    """``uvicorn --root-path /api`` puts /api in front of scope["path"]; Starlette routes on the
+    path without it, and so must the rules (a scope requirement must not be bypassed)."""
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    own = settings.replace(access="keys", access_rules="/health=public, /admin/*=admin")
+    _, key = await make_key(redis, own)  # no admin scope
+    _, admin_key = await make_key(redis, own, scopes=("admin",))
+    app = Meterwall(
+        Starlette(routes=[Route("/health", hello), Route("/admin/users", hello)]), settings=own
+    )
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, root_path="/api", client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            assert (await client.get("/api/health")).status_code == 200
+            denied = await client.get("/api/admin/users", headers={"X-API-Key": key})
+            assert denied.status_code == 403
+            allowed = await client.get("/api/admin/users", headers={"X-API-Key": admin_key})
+            assert allowed.status_code == 200
+
+
+async def test_access_timeout_bounds_connecting_to_an_unreachable_redis(settings) -> None:
+    """A key lookup against a host that never completes the TCP handshake answers 503 after
+    MW_ACCESS_TIMEOUT, not after MW_REDIS_TIMEOUT (30 s here)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: once its queue is full, connecting hangs
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    own = settings.replace(
+        access="keys", redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout=30.0,
+        access_timeout=0.2, records="off", journal_dir="off",
+    )  # fmt: skip
+    app = Meterwall(Starlette(routes=[Route("/", lambda r: PlainTextResponse("ok"))]), settings=own)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 1))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            reply = await asyncio.wait_for(client.get("/", headers={"X-API-Key": new_key()[1]}), 10)
+        assert reply.status_code == 503
+    finally:
+        if app.flusher._task is not None:  # it would wait 30 s on that host: not this test's
+            app.flusher._task.cancel()
+        for sock in (listener, *fillers):
+            sock.close()

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from meterwall.clientip import TrustedProxies, canonical_ip, ip_text, network_prefix
 from meterwall.errors import ConfigurationError
+from meterwall.settings import Settings
 
 PROXIES = TrustedProxies.parse("10.0.0.0/8, 127.0.0.1 ::1,2001:db8:ffff::/48")
+FWD_PROXIES = PROXIES.reading("forwarded")  # MW_PROXY_HEADER=forwarded
 
 
 def xff(*values: str) -> list[tuple[bytes, bytes]]:
@@ -179,21 +181,37 @@ def test_multi_hop_chain_walks_right_to_left() -> None:
 def test_unusable_entry_stops_at_the_last_trusted_hop() -> None:
     assert PROXIES.resolve("10.0.0.1", xff("192.0.2.1, unknown, 10.0.0.2")) == "10.0.0.2"
     assert PROXIES.resolve("10.0.0.1", xff("192.0.2.1, garbage")) == "10.0.0.1"
-    assert PROXIES.resolve("10.0.0.1", fwd("for=192.0.2.1, for=_hidden")) == "10.0.0.1"
-    assert PROXIES.resolve("10.0.0.1", fwd("for=unknown, for=10.0.0.2")) == "10.0.0.2"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd("for=192.0.2.1, for=_hidden")) == "10.0.0.1"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd("for=unknown, for=10.0.0.2")) == "10.0.0.2"
 
 
 def test_forwarded_header() -> None:
     value = 'for=192.0.2.60;proto=http;by=203.0.113.43, For="[2001:db8:cafe::17]:4711"'
-    assert PROXIES.resolve("10.0.0.1", fwd(value)) == "2001:db8:cafe::17"
-    assert PROXIES.resolve("10.0.0.1", fwd('for="[2001:db8::1]:4711";proto=https')) == (
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd(value)) == "2001:db8:cafe::17"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd('for="[2001:db8::1]:4711";proto=https')) == (
         "2001:db8::1"
     )
     two_lines = fwd('for="198.51.100.17:80"', 'proto=https;for=10.0.0.9;by="[::1]"')
-    assert PROXIES.resolve("10.0.0.1", two_lines) == "198.51.100.17"
-    assert PROXIES.resolve("10.0.0.1", fwd('for="\\1\\9\\8.51.100.1"')) == "198.51.100.1"
-    # Forwarded wins over X-Forwarded-For when both are present.
-    assert PROXIES.resolve("10.0.0.1", fwd("for=192.0.2.60") + xff("6.6.6.6")) == "192.0.2.60"
+    assert FWD_PROXIES.resolve("10.0.0.1", two_lines) == "198.51.100.17"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd('for="\\1\\9\\8.51.100.1"')) == "198.51.100.1"
+
+
+def test_only_the_configured_header_is_believed() -> None:
+    """A proxy that appends to X-Forwarded-For passes a client's own Forwarded header through
+    (nginx, HAProxy, ALB): reading it would let the client choose its address."""
+    both = fwd("for=198.51.100.9") + xff("203.0.113.7")
+    assert PROXIES.resolve("10.0.0.1", both) == "203.0.113.7"
+    assert PROXIES.resolve("10.0.0.1", fwd("for=198.51.100.9")) == "10.0.0.1"
+    assert FWD_PROXIES.resolve("10.0.0.1", both) == "198.51.100.9"
+    assert FWD_PROXIES.resolve("10.0.0.1", xff("203.0.113.7")) == "10.0.0.1"
+    settings = Settings(records="off", trusted_proxies=PROXIES, proxy_header="forwarded")
+    assert settings.trusted_proxies == FWD_PROXIES
+    env = {"MW_TRUSTED_PROXIES": "10.0.0.0/8", "MW_RECORDS": "off"}
+    assert Settings.from_env(env).trusted_proxies.header == "x-forwarded-for"
+    env["MW_PROXY_HEADER"] = "Forwarded"
+    assert Settings.from_env(env).trusted_proxies.resolve("10.0.0.1", both) == "198.51.100.9"
+    with pytest.raises(ConfigurationError, match="MW_PROXY_HEADER"):
+        Settings.from_env({"MW_PROXY_HEADER": "x-real-ip", "MW_RECORDS": "off"})
 
 
 @pytest.mark.parametrize(
@@ -201,9 +219,9 @@ def test_forwarded_header() -> None:
     ['for="192.0.2.60', "proto=https", "for=192.0.2.60;for=192.0.2.61", 'for="a,b"', "for="],
 )
 def test_malformed_forwarded_is_not_believed(value: str) -> None:
-    assert PROXIES.resolve("10.0.0.1", fwd(value) + xff("6.6.6.6")) == "10.0.0.1"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd(value) + xff("6.6.6.6")) == "10.0.0.1"
 
 
 def test_all_hops_trusted_gives_the_left_most() -> None:
     assert PROXIES.resolve("10.0.0.1", xff("10.0.0.3, 127.0.0.1")) == "10.0.0.3"
-    assert PROXIES.resolve("10.0.0.1", fwd('for="[::1]", for=10.0.0.2')) == "::1"
+    assert FWD_PROXIES.resolve("10.0.0.1", fwd('for="[::1]", for=10.0.0.2')) == "::1"

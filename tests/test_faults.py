@@ -461,3 +461,44 @@ async def test_batches_a_restarted_redis_lost_are_all_sent_again_over_a_lossy_li
         server.stop()
     assert faults.counts.get("drop_reply", 0) > 0
     assert counted == sent
+
+
+async def test_a_restart_found_by_a_shrugged_off_read_still_resends_the_lost_batches(
+    settings,
+) -> None:
+    """With records on, the first command after a restart is often the restriction-list read,
+    whose failure is shrugged off (the last list stays in force). It must still count as lost
+    contact: else the next command reconnects silently, a newer batch lands first, and the
+    batches the restart lost come back "duplicate" when the periodic run-id check resends them."""
+    server = EmbeddedRedis().start()
+    port, sent = server.port, 0
+    try:
+        own = settings.replace(redis_url=server.url, consumer_header="X-Consumer",
+                               counter_flush_interval=0, flush_interval=60)  # fmt: skip
+        mw = Meterwall(ok_app, settings=own)
+
+        async def request() -> None:
+            nonlocal sent
+            headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+            await mw(http_scope(headers=headers), body_receive(), _discard)
+            sent += 1
+
+        for _ in range(3):
+            await request()
+            assert await mw.flusher.flush_once()
+        # Redis crashes and comes back without those acknowledged writes (AOF everysec's loss)
+        await asyncio.to_thread(server.kill)
+        server = await asyncio.to_thread(EmbeddedRedis(port=port).start)
+        mw.flusher._next_restrictions_read = 0.0  # the list is due (it is read once a second)
+        await request()
+        assert await mw.flusher.flush_once()
+        mw.flusher._next_server_check = 0.0  # the periodic run-id check comes round
+        await request()
+        assert await mw.flusher.flush_once()
+        assert await mw.aclose()
+        async with aioredis.Redis(port=port) as direct:
+            month = datetime.now(UTC).strftime("%Y-%m")
+            rows = await UsageReader(direct, own.keyspace()).totals("acme", month, [])
+    finally:
+        server.stop()
+    assert sum(r["requests"] for r in rows) == sent == 5

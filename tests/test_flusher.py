@@ -236,3 +236,18 @@ async def test_a_record_batch_to_a_known_slice_costs_redis_eight_commands(
     await mw.aclose()
     assert await RecordReader(redis, settings, private_key, clock=clock).count() == 4
     assert await requests_in_redis(redis, settings) == 4  # the closing flush sent the counts
+
+
+async def test_a_flush_run_without_the_task_closes_its_connection_on_aclose(settings) -> None:
+    """flush_once() outside the background task (tests, scripts, an adopting worker's first
+    flush) makes the client; aclose() in the same loop must close it, not drop it open."""
+    import gc
+
+    mw = Meterwall(ok_app, settings=settings.replace(records="off"))
+    assert await mw.flusher.flush_once()
+    client = mw.flusher._redis
+    assert client is not None
+    assert await mw.aclose()
+    assert mw.flusher._redis is None
+    del client
+    gc.collect()  # an unclosed socket is reported here, and warnings are errors

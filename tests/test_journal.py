@@ -382,3 +382,30 @@ async def test_a_full_disk_when_a_batch_is_acknowledged_turns_the_journal_off(
     month = datetime.now(UTC).strftime("%Y-%m")
     rows = await UsageReader(redis, own.keyspace()).totals("acme", month, [])
     assert sum(r["requests"] for r in rows) == 2
+
+
+async def test_an_adopted_journal_is_billed_in_the_consumers_zone(redis, settings) -> None:
+    """A restarted worker adopts on its first flush, before it read the consumer registry for
+    its own counters: the dead writer's requests must still land in the consumer's local month."""
+    from meterwall import FixedClock
+    from meterwall.consumers import ConsumerRegistry
+    from tests.test_usage import send_at
+
+    own = settings.replace(records="off", consumer_header="X-Consumer", flush_interval=60)
+    await ConsumerRegistry(redis, own.keyspace()).set("acme", tz="America/New_York")
+    clock = FixedClock(0)
+    dead = Meterwall(ok_app, settings=own, clock=clock)
+    # 2026-11-01T02:00Z is October 31st, 22:00 in New York: October on acme's invoice
+    await send_at(dead, clock, "2026-11-01T02:00:00", "acme")
+    assert dead.flusher._task is not None
+    dead.flusher._task.cancel()
+    dead.flusher.journal.forget_after_fork()  # killed before its flush
+
+    restarted = Meterwall(ok_app, settings=own)
+    assert await restarted.flusher.flush_once()
+    assert restarted.flusher.journals_adopted == 1
+    assert await restarted.aclose()
+    reader = UsageReader(redis, own.keyspace())
+    october = sum(r["requests"] for r in await reader.totals("acme", "2026-10"))
+    november = sum(r["requests"] for r in await reader.totals("acme", "2026-11"))
+    assert (october, november) == (1, 0)

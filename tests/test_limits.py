@@ -387,3 +387,34 @@ async def test_a_lease_settled_after_a_report_is_gone_and_a_first_lease_restores
     await redis.persist(keys[1])  # restored without TTLs, say
     await lease(redis, keys, now, 0, 0, 0, 0, 100, 1, 0, "c", 10_000, 3600, 4)  # a first lease
     assert 0 < await redis.ttl(keys[1]) <= 3600  # the expiry is back
+
+
+async def test_shutdown_with_redis_gone_gives_up_handing_back_after_one_failure(
+    settings, caplog
+) -> None:
+    """One timeout per consumer would outlast a process manager's grace period (and the
+    flush comes first): after one failure the leases are left to Redis's deadline."""
+    from meterwall.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    try:
+        own = limited(settings, "p: 100/s, 100000 requests/month", default_plan="p",
+                      redis_url=server.url, records="off", flush_interval=60)  # fmt: skip
+        client = __import__("redis.asyncio", fromlist=["Redis"]).Redis.from_url(server.url)
+        keys = [(await make_key(client, own, consumer=f"c{i}"))[1] for i in range(6)]
+        await client.aclose()
+        app = Meterwall(api_app, settings=own)
+        for key in keys:
+            [reply] = await send(app, key, 1)
+            assert reply.status_code == 200
+        assert app.access is not None
+        assert app.access.limiter is not None
+        assert len(app.access.limiter._tokens) == 6
+        server.stop()
+        with caplog.at_level("WARNING", logger="meterwall"):
+            await app.aclose(timeout=0.5)
+        handing_back = [r for r in caplog.records if "give leased tokens back" in r.message]
+        assert len(handing_back) == 1, [r.message for r in handing_back]
+        assert "6 consumer(s)" in handing_back[0].getMessage()
+    finally:
+        server.stop()

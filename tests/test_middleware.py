@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -254,3 +256,126 @@ async def test_mounts_with_path_parameters_never_put_raw_path_text_in_counters(
         ("/t/{tenant}/v1/items/{item_id}", "GET"),
         ("/t/{tenant}/v1/items/{item_id}", "OTHER"),
     ]
+
+
+async def test_mounted_sub_applications_count_under_their_mount_pattern(redis, settings) -> None:
+    """``app.mount("/v1", sub_app)`` versions an API: a sub-application replaces scope["app"]
+    with itself, so its mounts are looked up from the router the request entered."""
+
+    async def item(request: Any) -> JSONResponse:
+        return JSONResponse({})
+
+    from starlette.routing import Mount
+
+    plain = Starlette(routes=[Mount("/v1", app=Starlette(routes=[Route("/items/{n}", item)]))])
+    fastapi_sub = FastAPI()
+
+    @fastapi_sub.get("/items/{item_id}")
+    async def fast_item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    fast = FastAPI()
+    fast.mount("/v2", fastapi_sub)
+    fast.add_middleware(Meterwall, settings=settings)  # scope["app"] is the outer app here
+    for app, path in ((Meterwall(plain, settings=settings), "/v1/items/9"), (fast, "/v2/items/9")):
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get(path)).status_code == 200
+    rows = await usage_totals(redis, settings.keyspace(), *this_hour())
+    assert sorted(r.route for r in rows) == ["/v1/items/{n}", "/v2/items/{item_id}"]
+
+
+async def test_lifespan_shutdown_failed_still_flushes(settings) -> None:
+    """The app's own shutdown code raising must not cost the requests captured before it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("closing the app's own pool failed")
+
+    mw = Meterwall(Starlette(lifespan=lifespan), settings=settings)
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> Message:
+        if incoming[0]["type"] == "lifespan.shutdown":
+            await mw(http_scope("/x"), body_receive(), _discard)  # one request while running
+            assert not mw.flusher.idle()
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    with contextlib.suppress(RuntimeError):
+        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    assert mw.flusher.idle(), "the request captured before shutdown was not flushed"
+
+
+async def test_completed_responses_are_not_flagged_disconnected(
+    redis, settings, private_key
+) -> None:
+    """Servers answer ``receive`` with http.disconnect once a response is complete; streaming
+    and file responses listen for it, so only one before the last body byte counts."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "http.request"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"chunk", "more_body": True})
+        if scope["path"] == "/gone":  # the client left in the middle of the stream
+            assert (await receive())["type"] == "http.disconnect"
+            return
+        await send({"type": "http.response.body", "body": b"last"})
+        assert (await receive())["type"] == "http.disconnect"
+
+    mw = Meterwall(app, settings=settings)
+    await mw(http_scope("/done"), body_receive(), _discard)
+    await mw(http_scope("/gone", client=("192.0.2.2", 1)), body_receive(), _discard)
+    await mw.aclose()
+    records = await RecordReader(redis, settings, private_key).records()
+    flags = {r["path"]: (r["disconnected"], r["bytes_out"]) for r in records}
+    assert flags == {"/done": (False, 9), "/gone": (True, 5)}
+
+
+async def test_bytes_out_counts_what_reaches_the_client(redis, settings, tmp_path) -> None:
+    """No body for HEAD, 204 and 304 (the server drops what the app sends); a file handed to
+    the server by pathsend (Starlette's FileResponse) counts its size."""
+    served = tmp_path / "report.csv"
+    served.write_bytes(b"x" * 50_000)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        status = 304 if scope["path"] == "/cached" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        if scope["path"] == "/file":
+            await send({"type": "http.response.pathsend", "path": str(served)})
+        else:
+            await send({"type": "http.response.body", "body": b"y" * 1000})
+
+    mw = Meterwall(app, settings=settings)
+    for method, path in (("GET", "/a"), ("HEAD", "/a"), ("GET", "/cached"), ("GET", "/file")):
+        await mw(http_scope(path, method=method), body_receive(), _discard)
+    await mw.aclose()
+    rows = await usage_totals(redis, settings.keyspace(), *this_hour())
+    assert sorted((r.method, r.status, r.bytes_out) for r in rows) == [
+        ("GET", 200, 51_000), ("GET", 304, 0), ("HEAD", 200, 0),
+    ]  # fmt: skip
+
+
+async def test_queued_exchanges_are_charged_their_headers_and_query(settings) -> None:
+    """MW_BUFFER_BYTES bounds memory only if large headers count: they are the slowest to
+    redact, so they pile up first while Redis is slow."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = Meterwall(app, settings=settings.replace(flush_interval=60))
+    headers = [(b"host", b"api.test"), (b"x-trace", b"t" * 30_000)]
+    await mw(
+        http_scope("/x", headers=headers, query_string=b"q=" + b"s" * 4000),
+        body_receive(),
+        _discard,
+    )
+    assert mw.flusher.inbox.bytes > 34_000
+    await mw.aclose()

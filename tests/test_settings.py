@@ -29,6 +29,21 @@ def test_defaults_are_the_secure_configuration() -> None:
     assert "AAAA" not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    ("values", "note"),
+    [
+        ({"redis_url": "rediss://10.0.0.5:6379/0?ssl_cert_reqs=none"}, "TLS certificate"),
+        ({"redis_url": "rediss://10.0.0.5/0?ssl_check_hostname=false"}, "host name"),
+        ({"trusted_proxies": "0.0.0.0/0, ::/0"}, "/0 network"),
+    ],
+)
+def test_weaker_connection_and_proxy_settings_are_noted(values: dict[str, str], note: str) -> None:
+    notes = Settings.from_env(env(**values)).weakened()
+    assert len(notes) == 1, notes
+    assert note in notes[0]
+    assert Settings.from_env(env(redis_url="rediss://10.0.0.5:6379/0")).weakened() == []
+
+
 def test_values_are_parsed_with_units() -> None:
     settings = Settings.from_env(
         env(raw_retention="90m", body_limit="4KiB", flush_interval="250ms",
@@ -50,6 +65,7 @@ def test_values_are_parsed_with_units() -> None:
         ({"pseudonym_secret": "c2hvcnQ="}, "MW_PSEUDONYM_SECRET"),
         ({"records": "plain"}, "MW_RECORDS"),
         ({"redis_url": "http://x"}, "MW_REDIS_URL"),
+        ({"redis_url": "valkey://127.0.0.1:6379/0"}, "MW_REDIS_URL"),
         ({"trusted_proxies": "10.0.0.0/33"}, "MW_TRUSTED_PROXIES"),
         ({"shards": "many"}, "MW_SHARDS"),
         ({"buffer_bytes": "1KiB"}, "MW_BUFFER_BYTES"),
