@@ -53,6 +53,9 @@ class LongLivedPseudonyms:
         return "net~" + hmac.new(self._key, text.encode(), hashlib.sha256).digest()[:16].hex()
 
 
+_PAGE = 1000  # entries read per XRANGE
+
+
 class AuditLog:
     """Append to and read the audit log of one deployment."""
 
@@ -74,11 +77,19 @@ class AuditLog:
         return entry.decode()
 
     async def entries(
-        self, since_s: float | None = None, count: int = 1000
+        self, since_s: float | None = None, count: int | None = None
     ) -> list[dict[str, Any]]:
-        """Entries, oldest first, from ``since_s`` on."""
+        """Entries, oldest first, from ``since_s`` on: all of them, or the first ``count``
+        (read a page at a time, so the newest are never cut off)."""
         start = "-" if since_s is None else str(int(since_s * 1000))
-        rows = await self._redis.xrange(self._key, start, "+", count=count)
+        rows: list[Any] = []
+        while count is None or len(rows) < count:
+            page_size = _PAGE if count is None else min(_PAGE, count - len(rows))
+            page = await self._redis.xrange(self._key, start, "+", count=page_size)
+            rows += page
+            if len(page) < page_size:
+                break
+            start = "(" + page[-1][0].decode()
         return [
             {"id": entry_id.decode(), "at": float(f[b"at"]), "actor": f[b"actor"].decode(),
              "action": f[b"action"].decode(), "query": orjson.loads(f[b"query"]),

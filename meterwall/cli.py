@@ -692,8 +692,10 @@ async def subject_export(
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Personal data goes to a file only its owner can read (mode 0600)."""
+    """Personal data goes to a file only its owner can read (mode 0600), also when the file
+    existed already with a wider mode (``os.open`` applies the mode only when it creates)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(text)
 

@@ -590,7 +590,7 @@ def _redaction(settings: Settings, sealed: bool) -> tuple[Block, ...]:
                 Code(SECRET_MASK),
                 ") in query strings, in the ",
                 *_codes(sorted(_URL_HEADERS)),
-                " header, in JSON bodies (at any depth; a document nested deeper than "
+                " headers, in JSON bodies (at any depth; a document nested deeper than "
                 f"{_MAX_JSON_DEPTH} levels is kept only as a digest) and in form bodies. A name "
                 "is secret-looking when, ignoring case, ",
                 Code("-"),

@@ -45,7 +45,12 @@ _CREDENTIAL_HEADERS = frozenset({
     "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
     "x-auth-token", "x-csrf-token", "x-xsrf-token", "x-amz-security-token",
 })  # fmt: skip
-_CREDENTIAL_HEADER_PARTS = ("token", "secret", "api-key", "apikey", "session", "password")
+# Any header name holding one of these is a credential: vendors name theirs freely
+# (X-Authorization, X-Auth-Key, Ocp-Apim-Subscription-Key). A false match costs only a
+# fingerprint in place of a value that was never secret.
+_CREDENTIAL_HEADER_PARTS = (
+    "token", "secret", "key", "auth", "session", "password", "passwd", "signature", "credential",
+)  # fmt: skip
 _AUTHORIZATION_HEADERS = frozenset({"authorization", "proxy-authorization"})
 # Only well-known schemes are kept in clear: an unknown first word may itself be the secret
 # (``Authorization: s3cr3t other``), so such a value is fingerprinted whole.
@@ -60,7 +65,10 @@ _ADDRESS_HEADERS = frozenset({
     "x-envoy-external-address",
 })  # fmt: skip
 # A Referer carries the previous page's query string, which is where tokens in URLs end up.
-_URL_HEADERS = frozenset({"referer"})
+# Proxies pass the original request line's URL on in headers of their own.
+_URL_HEADERS = frozenset({
+    "referer", "x-original-uri", "x-original-url", "x-forwarded-uri", "x-rewrite-url",
+})  # fmt: skip
 
 _SECRET_NAME_PARTS = (
     "password", "passwd", "secret", "token", "apikey", "accesskey", "privatekey", "authorization",
@@ -125,6 +133,7 @@ _SERVER_HEADERS = frozenset({"host", ":authority"})
 
 #: The characters of a urlencoded form body (one flat class: linear, no backtracking).
 _FORM_SAFE = re.compile(rb"[A-Za-z0-9%+._~*\-=&;]*")
+_PAIR_SEPARATORS = re.compile("([&;])")
 
 
 class Redactor:
@@ -358,10 +367,18 @@ class Redactor:
         """Mask ``name=value`` pairs of a urlencoded text without re-encoding the others."""
         if not text:
             return text
+        if ";" in text:  # a pair separator to python-multipart (Starlette's forms) and others
+            parts = _PAIR_SEPARATORS.split(text)  # pairs at even places, separators between
+            self._mask_parts(parts, 2)
+            return "".join(parts)
         parts = text.split("&")
+        self._mask_parts(parts, 1)
+        return "&".join(parts)
+
+    def _mask_parts(self, parts: list[str], step: int) -> None:
         secret_names = self._encoded_name_cache
-        for i, part in enumerate(parts):
-            name, eq, value = part.partition("=")
+        for i in range(0, len(parts), step):
+            name, eq, value = parts[i].partition("=")
             if not eq:
                 continue
             secret = secret_names.get(name)
@@ -377,7 +394,6 @@ class Redactor:
                 redacted = self.redact_value(plain)
                 if redacted != plain:
                     parts[i] = f"{name}={quote_plus(redacted)}"
-        return "&".join(parts)
 
     def redact_value(self, text: str) -> str:
         """A string value through every redactor plugin, in order."""

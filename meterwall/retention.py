@@ -386,6 +386,8 @@ class Auditor:
                 or (part in ("entry id", "value") and _GENERATED.fullmatch(value))
             ):
                 continue  # the field names n and r, record counts and entry ids: nothing else
+            if part == "value" and kind in _NETWORK_RULE_KINDS:
+                value = _without_network_rules(value)
             out.append((part, _text(value)))
         return out
 
@@ -437,6 +439,25 @@ def _read(pipe: Any, key: str | bytes, kind_of_value: str) -> None:
         (pipe.zrange if kind_of_value == "zset" else pipe.lrange)(key, 0, -1)
     else:  # none (expired meanwhile) or a type meterwall never writes: keep the replies aligned
         pipe.exists(key)
+
+
+# Keys and consumers may carry the networks they may be used from (``keys create --cidr``,
+# ``consumers set --allow/--deny``): an operator's configuration, not a client's address.
+_NETWORK_RULE_KINDS = frozenset({"key", "consumers", "consumer-networks"})
+_NETWORK_RULE_FIELDS = ("cidrs", "allow", "deny")
+
+
+def _without_network_rules(value: bytes) -> bytes:
+    """A key's or consumer's JSON without its network lists (anything else is still scanned)."""
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    if not isinstance(document, dict):
+        return value
+    for name in _NETWORK_RULE_FIELDS:
+        document.pop(name, None)
+    return orjson.dumps(document)
 
 
 def _parts(kind_of_value: str, value: Any) -> list[tuple[str, bytes]]:

@@ -153,8 +153,7 @@ class SubjectRights:
         kinds = ["cd", "cm", "uq", "adj", "qt"] + (["closed"] if closed_periods else [])
         doomed = [self._keyspace.rate(shard, consumer)]
         for kind in kinds:
-            async for key in self._redis.scan_iter(match=f"{prefix}{kind}:{_glob(consumer)}:*"):
-                doomed.append(key)
+            doomed += [key async for key in self._consumer_keys(prefix, kind, consumer)]
         deleted = int(await self._redis.delete(*doomed)) if doomed else 0
         field_prefix = consumer + SEP  # the shard-wide 15-minute and hour buckets
         for kind in ("c15", "c1h"):
@@ -181,12 +180,23 @@ class SubjectRights:
         async for item in self._redis.hscan_iter(key, match=match):
             yield item
 
+    async def _consumer_keys(self, prefix: str, kind: str, consumer: str) -> Any:
+        """The ``{kind}:{consumer}:{day or month}`` keys of one consumer. Consumer ids may hold
+        ``:``, so the glob also matches ``acme:eu``'s keys when looking for ``acme``'s: only a
+        key whose rest after the consumer is one period (no ``:``) is the consumer's."""
+        head = f"{prefix}{kind}:{consumer}:".encode()
+        async for key in self._redis.scan_iter(match=f"{prefix}{kind}:{_glob(consumer)}:*"):
+            if b":" not in key[len(head) :]:
+                yield key
+
     async def _usage(self, consumer: str) -> dict[str, Any]:
         """Monthly totals by route for every month still kept, in the consumer's zone."""
         prefix = self._keyspace.shard_prefix(self._keyspace.shard_of(consumer))
-        pattern = f"{prefix}cm:{_glob(consumer)}:*"
         months = sorted(
-            {k.decode().rsplit(":", 1)[1] async for k in self._redis.scan_iter(pattern)}
+            {
+                k.decode().rsplit(":", 1)[1]
+                async for k in self._consumer_keys(prefix, "cm", consumer)
+            }
         )
         reader = UsageReader(self._redis, self._keyspace)
         return {month: await reader.totals(consumer, month, ["route"]) for month in months}

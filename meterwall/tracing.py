@@ -312,10 +312,7 @@ class Tracer:
 
 def _networks(subnet: str) -> list[IPv4Network | IPv6Network]:
     """The /24 (IPv4) or /48 (IPv6) networks that cover ``subnet`` (narrower ones: its own)."""
-    try:
-        network = ip_network(subnet.strip(), strict=False)
-    except ValueError:
-        raise ConfigurationError("subnet", f"{subnet!r} is not a network (CIDR)") from None
+    network = _subnet(subnet)
     unit = 24 if network.version == 4 else 48
     if network.prefixlen >= unit:
         return [network.supernet(new_prefix=unit)]
@@ -326,13 +323,26 @@ def _networks(subnet: str) -> list[IPv4Network | IPv6Network]:
     return list(network.subnets(new_prefix=unit))
 
 
+def _subnet(text: str) -> IPv4Network | IPv6Network:
+    """``text`` as a network; written IPv4-mapped (``::ffff:203.0.113.0/120``), as the IPv4
+    network it is: addresses are canonical, so a mapped address is its IPv4 form."""
+    try:
+        network = ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigurationError("subnet", f"{text!r} is not a network (CIDR)") from None
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None and network.prefixlen >= 96:
+        return IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
 def _in_subnet(address: str | None, subnet: str) -> bool:
     try:
         ip = ip_address(address or "")
     except ValueError:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip) in ip_network(subnet.strip(), strict=False)
+    return (mapped or ip) in _subnet(subnet)
 
 
 def iso_utc(time_ns: int) -> str:

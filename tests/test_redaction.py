@@ -76,6 +76,11 @@ def test_short_key_refused() -> None:
         "x-session-id",
         "x-user-password",
         "my-apikey",
+        "x-authorization",
+        "x-auth-key",
+        "ocp-apim-subscription-key",
+        "x-hub-signature-256",
+        "x-goog-credential",
     ],
 )
 def test_credential_headers_fingerprinted(redactor: Redactor, name: str) -> None:
@@ -135,6 +140,12 @@ def test_other_headers_kept(redactor: Redactor) -> None:
 def test_referer_query_masked(redactor: Redactor) -> None:
     out = header(redactor, "referer", "https://a.example/p?token=abc&q=1#frag")
     assert out == f"https://a.example/p?token={SECRET_MASK}&q=1#frag"
+
+
+@pytest.mark.parametrize("name", ["x-original-uri", "x-original-url", "x-forwarded-uri"])
+def test_urls_proxies_pass_on_have_their_query_masked(redactor: Redactor, name: str) -> None:
+    out = header(redactor, name, "/login?access_token=tok_9f8e7d&next=/home")
+    assert out == f"/login?access_token={SECRET_MASK}&next=/home"
 
 
 # --- client addresses ----------------------------------------------------------------------------
@@ -417,6 +428,15 @@ def test_form_masking(redactor: Redactor) -> None:
         "kind": "form",
         "form": "user=ann&password=***&card%5Bnumber%5D=***&note=a+b%21",
     }
+
+
+def test_semicolon_separated_pairs_are_masked_too(redactor: Redactor) -> None:
+    """python-multipart (Starlette's and FastAPI's forms) splits pairs on ';' as well as '&':
+    the app gets password=hunter2 from such a body, so the record must not."""
+    data = b"user=ada;password=hunter2&token=t0k;note=a"
+    out = redactor.body(_FORM, data, size=len(data), truncated=False)
+    assert out["form"] == "user=ada;password=***&token=***;note=a"
+    assert redactor.query(b"q=1;api_key=sk_live_1") == "q=1;api_key=***"
 
 
 def test_truncated_form_is_digest(redactor: Redactor) -> None:

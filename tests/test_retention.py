@@ -284,3 +284,22 @@ async def test_a_batch_of_an_earlier_version_without_the_trim_field_is_applied_a
     [refused] = (await apply_batches(redis, keyspace, {0: bad})).values()
     assert "bad batch: trim" in str(refused)
     assert int(await redis.get(keyspace.high_water_mark(0, "w-old"))) == 1  # nothing written
+
+
+async def test_network_rules_are_configuration_not_client_addresses(redis, settings) -> None:
+    """``consumers set --allow/--deny`` and ``keys create --cidr`` store networks on purpose:
+    the plaintext check passes over those lists, and still scans everything else there."""
+    from meterwall.consumers import ConsumerRegistry
+    from tests.test_access import make_key
+
+    keyspace = settings.keyspace()
+    await ConsumerRegistry(redis, keyspace).set(
+        "acme", allow=["203.0.113.0/24"], deny=["198.51.100.7/32"]
+    )
+    await make_key(redis, settings.replace(access="keys"), cidrs=("192.0.2.0/24",))
+    checks = {c.name: c for c in await Auditor(redis, keyspace, settings=settings).run()}
+    assert checks["plaintext"].ok, checks["plaintext"].problems
+    await redis.hset(keyspace.consumers(), "globex", b'{"note": "seen from 203.0.113.9"}')
+    checks = {c.name: c for c in await Auditor(redis, keyspace, settings=settings).run()}
+    assert not checks["plaintext"].ok
+    assert any("203.0.113.9" in p for p in checks["plaintext"].problems)

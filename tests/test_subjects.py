@@ -238,3 +238,46 @@ async def test_an_erasure_that_renumbers_an_index_keeps_its_expiry(redis, settin
     [member] = await redis.zrange(index, 0, -1)
     assert member.startswith(idents[second if doomed == first else first])
     assert 0 < await redis.ttl(index) <= 86400
+
+
+async def test_erasing_a_consumer_keeps_a_consumer_whose_id_extends_it(
+    redis, settings, private_key
+) -> None:
+    """Consumer ids may hold ':': erasing (or exporting) acme must not touch acme:eu8's billing
+    data when both fall in the same shard."""
+    keyspace = settings.keyspace()
+    other = next(f"acme:eu{n}" for n in range(1000)
+                 if keyspace.shard_of(f"acme:eu{n}") == keyspace.shard_of("acme"))  # fmt: skip
+    field = "k\x1f/x\x1fGET\x1f200\x1frequests"
+    for consumer, count in (("acme", 1), (other, 5)):
+        await redis.hset(keyspace.counters_day(consumer, "2026-11-23"), field, count)
+        await redis.hset(keyspace.counters_month(consumer, "2026-11"), field, count)
+    await redis.hset(keyspace.counters_month(other, "2026-10"), field, 5)
+    rights = SubjectRights(redis, settings, private_key, actor="os:dpo")
+    exported = await rights.export(consumer="acme")
+    assert sorted(exported["usage"]) == ["2026-11"]
+    await rights.erase(consumer="acme", aggregates=True)
+    assert not await redis.exists(keyspace.counters_day("acme", "2026-11-23"))
+    assert not await redis.exists(keyspace.counters_month("acme", "2026-11"))
+    assert await redis.exists(keyspace.counters_day(other, "2026-11-23"))
+    assert await redis.exists(keyspace.counters_month(other, "2026-11"))
+
+
+async def test_an_export_into_an_existing_file_leaves_it_readable_by_its_owner_only(
+    redis, traffic, keypair, tmp_path: Path
+) -> None:
+    import os
+
+    settings = traffic["settings"]
+    assert settings.pseudonym_secret is not None
+    (tmp_path / "reader.pem").write_bytes(keypair[0])
+    env = {"MW_REDIS_URL": settings.redis_url, "MW_KEY_PREFIX": settings.key_prefix,
+           "MW_PSEUDONYM_SECRET": base64.b64encode(settings.pseudonym_secret.reveal()).decode(),
+           "MW_RECORD_PRIVATE_KEY_FILE": str(tmp_path / "reader.pem")}  # fmt: skip
+    out = tmp_path / "bundle.json"
+    out.write_text("")
+    os.chmod(out, 0o644)  # pre-created, or a second run into the same name
+    done = meterwall("subject", "export", "--consumer", "acme", "--output", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert json.loads(out.read_text())["receipt"]["action"] == "export"

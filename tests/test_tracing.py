@@ -18,6 +18,7 @@ from meterwall.keyspace import index_member, unpack_positions
 from meterwall.tracing import TraceQuery, Tracer
 from tests.test_access import api_app, make_key
 from tests.test_cli import meterwall
+from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
 
 NS = 10**9
@@ -216,3 +217,35 @@ async def test_the_admin_api_traces_for_the_security_role_only(redis, traffic, p
     assert found["summary"]["requests"] == 2
     entries = await AuditLog(redis, own).entries()
     assert [e["actor"] for e in entries] == ["token:security-bot"] * 2  # failed ones: none
+
+
+async def test_a_subnet_written_ipv4_mapped_is_the_ipv4_network(
+    redis, settings, private_key
+) -> None:
+    app = Meterwall(ok_app, settings=settings)
+    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    tracer = Tracer(redis, settings, private_key, actor="t")
+    for subnet in ("203.0.113.0/24", "::ffff:203.0.113.0/120", "::ffff:203.0.113.0/124"):
+        found = await tracer.trace(TraceQuery(subnet=subnet))
+        assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"], subnet
+
+
+async def test_the_audit_log_command_lists_every_entry_past_the_first_thousand(
+    redis, settings
+) -> None:
+    log = AuditLog(redis, settings)
+    for i in range(1001):
+        await log.append("os:alice", "trace", {"consumer": f"c{i}"}, 0)
+    await log.append("os:mallory", "export", {"consumer": "victim"}, 42)
+    assert settings.pseudonym_secret is not None
+    env = {
+        "MW_REDIS_URL": settings.redis_url,
+        "MW_KEY_PREFIX": settings.key_prefix,
+        "MW_PSEUDONYM_SECRET": base64.b64encode(settings.pseudonym_secret.reveal()).decode(),
+    }
+    done = meterwall("audit-log", "--format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    actors = [e["actor"] for e in json.loads(done.stdout)]
+    assert (len(actors), actors[-1]) == (1002, "os:mallory")
+    assert len(await log.entries(count=10)) == 10
