@@ -95,13 +95,27 @@ def admin_app(
     ``private_key`` (the reader side's, from ``MW_RECORD_PRIVATE_KEY_FILE``) enables the
     security routes; without it they answer 503.
     """
-    state: dict[str, Any] = {"redis": redis}
+    state: dict[str, Any] = {"redis": redis, "deployed": False}
     keyspace = settings.keyspace()
 
     def client() -> Any:
         if state["redis"] is None:
             state["redis"] = connect(settings)
         return state["redis"]
+
+    async def as_deployed() -> None:
+        """Read and write with the deployment's shard count, recorded in Redis by its writers,
+        not with whatever MW_SHARDS this process was given (the CLI does the same)."""
+        nonlocal settings, keyspace
+        if state["deployed"]:
+            return
+        shards = await stored_shards(client(), keyspace)
+        if shards is None:  # no writer yet: asked again next time
+            return
+        if shards != settings.shards:
+            settings = settings.replace(shards=shards)
+            keyspace = settings.keyspace()
+        state["deployed"] = True
 
     def guarded(role: Role, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -113,6 +127,7 @@ def admin_app(
                 return problem(403, "Forbidden", f"this route needs the {role} role")
             request.state.actor = "token:" + str(entry.get("name", ""))
             try:
+                await as_deployed()
                 return await handler(request)
             except RetentionExceeded as exc:
                 return bad_parameter("since", str(exc))

@@ -702,7 +702,7 @@ class Flusher:
         if isinstance(self.journal, FileJournal) and self.journal.writer == self.writer:
             return
         try:
-            self.journal = FileJournal(self._journal_dir, self.writer)
+            self.journal = FileJournal(self._journal_dir, self.writer, top=self._seq)
         except OSError as exc:
             self._journal_failed(exc)
 

@@ -141,7 +141,11 @@ def deployment_dir(base: str, redis_url: str, key_prefix: str) -> Path:
 class FileJournal:
     """The journal of one writer (one process), in ``directory``."""
 
-    def __init__(self, directory: Path, writer: str, *, rotate_s: float = ROTATE_S) -> None:
+    def __init__(
+        self, directory: Path, writer: str, *, rotate_s: float = ROTATE_S, top: int = 0
+    ) -> None:
+        """``top``: the highest batch number the writer used before (a flusher started again
+        after ``aclose``): an adopter must replay leftovers above it, never as a batch below."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
         self.writer = writer
@@ -151,7 +155,7 @@ class FileJournal:
         self._segment = 0
         self._fd = -1
         self._opened_at = 0.0
-        self._top = 0  # the highest batch number this writer packed
+        self._top = top  # the highest batch number this writer packed
         # Batches still needed, by (seq, shard): (payload, acknowledged at or 0, the segment
         # holding its latest copy). An acknowledged batch's payload is dropped from memory (ten
         # seconds of sealed records are tens of megabytes under load): ``recent`` reads it back.
@@ -160,6 +164,8 @@ class FileJournal:
         self._delta_parts: dict[tuple[str, ...], tuple[bytes, bytes, bytes]] = {}
         self._held_since: float | None = None  # acknowledged after this: kept (hold_recent)
         self._open_segment()
+        if top:
+            self._write((HIGH, top))
 
     def _path(self, segment: int) -> Path:
         return self.directory / f"{self.writer}.{segment:08d}.seg"

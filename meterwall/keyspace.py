@@ -62,6 +62,14 @@ def pack_positions(positions: list[int]) -> bytes:
     return struct.pack(f">{len(positions)}H", *positions)
 
 
+def _slice_seconds(retention_s: int) -> int:
+    """At most 5 minutes and a quarter of the retention, and a divisor of an hour: a slice
+    never straddles an hour, so the index entries of its records are all keyed by the pseudonym
+    key of the hour a search looks up for it (a 14-minute retention would give 210 s slices)."""
+    most = min(SLICE_SECONDS, max(1, retention_s // 4))
+    return max(d for d in range(1, most + 1) if 3600 % d == 0)
+
+
 class Keyspace:
     """Key names under one prefix; cheap to call on the flusher's path."""
 
@@ -74,7 +82,7 @@ class Keyspace:
         self.shards = shards
         # Short retentions (tests, strict deployments) get short slices, so that a slice's
         # expiry at start + retention does not cut its records' lives short.
-        self.slice_seconds = min(SLICE_SECONDS, max(1, retention_s // 4))
+        self.slice_seconds = _slice_seconds(retention_s)
         self._shard_prefixes = [f"{prefix}:{{s{n:02d}}}:" for n in range(shards)]
 
     def shard_of(self, consumer: str) -> int:

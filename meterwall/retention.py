@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 SAMPLE = 200  # records a keyed audit opens
 _BATCH = 100  # keys read per pipelined round trip
+_ENTRY_ID = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 _GENERATED = re.compile(rb"[0-9]+(?:-[0-9]+)?")  # a stream entry id, or a record count
 
 META_AOF_REWRITE = "aof_rewrite_requested_at"
@@ -152,11 +153,38 @@ class Auditor:
             check.ok = not check.problems
         if self._progress is not None:
             self._progress(keys)
+        await self._reread_missing_entries()
         checks = [expiry, age, plain, self._index_check()]
         if self._reader is not None:
             checks.append(await self._open_sample())
         checks.append(await self._restrictions())
         return [*checks, await self.persistence(now), await self.eviction()]
+
+    async def _reread_missing_entries(self) -> None:
+        """Streams and indexes are read in different SCAN batches: on a live store a flush in
+        between adds index entries for stream entries the audit never saw. Those are read now;
+        an entry whose stream has gone since (expired, purged) is no problem either."""
+        missing = [(stream, entry) for stream, references in self._refs.items()
+                   for entry, _, position in references
+                   if position >= 0 and entry not in self._groups.get(stream, {})
+                   and _ENTRY_ID.fullmatch(entry)]  # fmt: skip
+        if not missing:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, entry in missing:
+                pipe.xrange(stream, entry, entry, count=1)
+                pipe.exists(stream)
+            replies = await pipe.execute()
+        for (stream, entry), found, exists in zip(missing, replies[0::2], replies[1::2],
+                                                  strict=True):  # fmt: skip
+            if found:
+                try:
+                    size = len(split_group(found[0][1].get(b"r", b"")))
+                except ValueError:
+                    continue  # reported as missing: it holds no readable group
+                self._groups.setdefault(stream, {})[entry] = size
+            elif not exists:
+                self._refs[stream] = [r for r in self._refs[stream] if r[0] != entry]
 
     def _index_check(self) -> Check:
         """Every index entry points at a stored group and at a record inside it."""

@@ -159,3 +159,25 @@ async def test_admins_see_the_deployments_health(api, redis, settings) -> None:
     assert health["counts"]["records_dropped"] == 3
     assert health["shards"] == settings.shards
     assert health["warnings"] == []
+
+
+async def test_the_admin_api_uses_the_deployments_shard_count(redis, settings) -> None:
+    """The admin's own environment may lack MW_SHARDS (16): it reads the count the writers
+    recorded in Redis, as the CLI does, else it reads the wrong shard and answers zero."""
+    deployed = settings.replace(consumer_header="X-Consumer", shards=64)
+    mw = Meterwall(ok_app, settings=deployed)
+    for _ in range(3):
+        await mw(http_scope("/a", headers=[(b"x-consumer", b"acme")]), body_receive(), _discard)
+    assert await mw.aclose()
+    admin_settings = settings.replace(records="off")
+    assert admin_settings.shards == 16
+    app = admin_app(admin_settings, redis=redis)
+    token = await AdminTokens(redis, admin_settings.keyspace()).create("bill", "billing")
+    month = datetime.now(UTC).strftime("%Y-%m")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        reply = await client.get(
+            "/usage/acme", params={"period": month}, headers={"Authorization": f"Bearer {token}"}
+        )
+    assert reply.status_code == 200
+    assert sum(r["requests"] for r in reply.json()["rows"]) == 3

@@ -409,3 +409,31 @@ async def test_an_adopted_journal_is_billed_in_the_consumers_zone(redis, setting
     october = sum(r["requests"] for r in await reader.totals("acme", "2026-10"))
     november = sum(r["requests"] for r in await reader.totals("acme", "2026-11"))
     assert (october, november) == (1, 0)
+
+
+async def test_a_flusher_started_again_after_aclose_and_killed_loses_no_count(
+    redis, settings
+) -> None:
+    """An app without lifespan calls meterwall.aclose() and goes on serving: the flusher starts
+    again with the same writer and batch numbers, so its new journal must know the highest one
+    used, or the adopter replays the leftovers as a batch Redis takes for a duplicate."""
+    own = settings.replace(records="off", consumer_header="X-Consumer", flush_interval=60)
+    headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+    mw = Meterwall(ok_app, settings=own)
+    for _ in range(3):
+        await mw(http_scope(headers=headers), body_receive(), _discard)
+        assert await mw.flusher.flush()  # batches 1 to 3 of this writer
+    assert await mw.aclose()
+    for _ in range(4):
+        await mw(http_scope(headers=headers), body_receive(), _discard)
+    assert mw.flusher._task is not None
+    mw.flusher._task.cancel()
+    mw.flusher.journal.forget_after_fork()  # then the worker is killed
+
+    survivor = Meterwall(ok_app, settings=own)
+    assert await survivor.flusher.flush_once()
+    assert survivor.flusher.journals_adopted == 1
+    assert await survivor.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    rows = await UsageReader(redis, own.keyspace()).totals("acme", month, [])
+    assert sum(r["requests"] for r in rows) == 7

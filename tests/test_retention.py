@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from typing import Any
 
 import msgpack
 import pytest
@@ -303,3 +304,60 @@ async def test_network_rules_are_configuration_not_client_addresses(redis, setti
     checks = {c.name: c for c in await Auditor(redis, keyspace, settings=settings).run()}
     assert not checks["plaintext"].ok
     assert any("203.0.113.9" in p for p in checks["plaintext"].problems)
+
+
+async def test_a_fast_writer_never_moves_a_slice_expiry_later(redis, settings) -> None:
+    """A writer whose clock runs ahead writes into a slice that lies in the future: its keys
+    expire at Redis's now + retention, and a later write must not push that further (the first
+    records would outlive 24 hours)."""
+    ahead = (int(time.time()) // 300 + 24) * 300  # two hours ahead, at a slice start
+    clock = FixedClock(ahead * 10**9)
+    app = Meterwall(ok_app, settings=settings, clock=clock)
+    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    keys = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:*:rec:*")]
+    keys += [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:*:ix:*")]
+    assert len(keys) == 2
+    now = int((await redis.time())[0])
+    for key in keys:  # as if the first write was made 10 hours ago
+        await redis.expireat(key, now + 86400 - 36000)
+    clock.advance(3)  # the same slice
+    app = Meterwall(ok_app, settings=settings, clock=clock)
+    await app(http_scope("/x", client=("198.51.100.4", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    for key in keys:
+        assert await redis.ttl(key) <= 86400 - 36000, key
+
+
+async def test_an_audit_of_a_live_store_does_not_report_entries_written_while_it_ran(
+    redis, settings, monkeypatch
+) -> None:
+    """Streams and indexes are read in different batches: a flush in between adds index
+    entries for stream entries the audit read before they existed. They are read again."""
+    from meterwall import retention as retention_module
+
+    own = settings.replace(consumer_header="X-Consumer")
+    app = Meterwall(ok_app, settings=own)
+    keyspace = own.keyspace()
+    consumers = {keyspace.shard_of(f"c{n}"): f"c{n}" for n in range(200)}  # one per shard
+
+    async def traffic() -> None:
+        for consumer in consumers.values():
+            headers = [(b"host", b"api.test"), (b"x-consumer", consumer.encode())]
+            await app(http_scope("/x", headers=headers), body_receive(), _discard)
+        assert await app.flusher.flush()
+
+    await traffic()
+    audit_batch = retention_module.Auditor._audit_batch
+
+    async def then_more_traffic(self: Any, *args: Any) -> int:
+        scanned: int = await audit_batch(self, *args)
+        await traffic()  # a flush lands between this batch and the next
+        return scanned
+
+    monkeypatch.setattr(retention_module, "_BATCH", 1)
+    monkeypatch.setattr(retention_module.Auditor, "_audit_batch", then_more_traffic)
+    checks = {c.name: c for c in await Auditor(redis, keyspace).run()}
+    assert checks["index"].ok, checks["index"].problems[:3]
+    assert checks["expiry"].ok, checks["expiry"].problems[:3]
+    await app.aclose()

@@ -249,3 +249,30 @@ async def test_the_audit_log_command_lists_every_entry_past_the_first_thousand(
     actors = [e["actor"] for e in json.loads(done.stdout)]
     assert (len(actors), actors[-1]) == (1002, "os:mallory")
     assert len(await log.entries(count=10)) == 10
+
+
+async def test_with_a_short_retention_a_slice_never_straddles_an_hour(
+    redis, settings, private_key
+) -> None:
+    """Index entries are keyed by the record's own hour and looked up by the slice's: a 14-minute
+    retention used to give 210 s slices, and records in one that began in the previous hour
+    could be neither traced nor erased by address."""
+    from meterwall.keyspace import Keyspace
+    from meterwall.subjects import SubjectRights
+
+    assert all(3600 % Keyspace("mw", 1, r).slice_seconds == 0 for r in range(1, 86401, 7))
+    own = settings.replace(raw_retention=840.0)
+    keyspace = own.keyspace()
+    assert keyspace.slice_seconds == 200
+    at = (int(time.time()) // 3600 + 2) * 3600 + 2  # just after an hour begins
+    clock = FixedClock(at * NS)
+    app = Meterwall(ok_app, settings=own, clock=clock)
+    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    clock.set((at + 5) * NS)
+    found = await Tracer(redis, own, private_key, clock=clock, actor="t").trace(
+        TraceQuery(ip="203.0.113.7")
+    )
+    assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"]
+    receipt = await SubjectRights(redis, own, clock=clock, actor="t").erase(ip="203.0.113.7")
+    assert receipt["records_erased"] == 1

@@ -162,7 +162,17 @@ end
 -- stream and the index get their expiry with every write: a key that lost it (restored without
 -- TTLs, persisted by hand) gets it back, and a stream created by a writer whose clock runs ahead
 -- (its expiry capped at Redis's now + retention) gets the slice's own once Redis's clock is
--- there, as its index does. The slice list gets its expiry whenever it gains a slice.
+-- there, as its index does. Such a stream's expiry never moves later, though: each write would
+-- otherwise push it to that write's now + retention, keeping its first records past 24 hours.
+-- The slice list gets its expiry whenever it gains a slice.
+local function expire_slice_key(key, slice_start, at)
+  if slice_start > now then
+    local ttl = redis.call('TTL', key)
+    if ttl >= 0 and now + ttl <= tonumber(at) then return end
+  end
+  redis.call('EXPIREAT', key, at)
+end
+
 local stored, expired, new_slices = 0, 0, 0
 for _, r in ipairs(records) do
   local expire_at = math.min(r[1] + retention, now + retention)
@@ -173,7 +183,7 @@ for _, r in ipairs(records) do
     local at = string.format('%d', expire_at)
     local rec = p .. 'rec:' .. slice
     local id = redis.call('XADD', rec, '*', 'n', r[2], 'r', r[3])
-    redis.call('EXPIREAT', rec, at)
+    expire_slice_key(rec, r[1], at)
     if #r[4] > 0 then
       local ix = p .. 'ix:' .. slice
       local named = string.char(#id) .. id
@@ -184,7 +194,7 @@ for _, r in ipairs(records) do
         if #args >= 1000 then redis.call('ZADD', ix, unpack(args)); args = {} end
       end
       if #args > 0 then redis.call('ZADD', ix, unpack(args)) end
-      redis.call('EXPIREAT', ix, at)
+      expire_slice_key(ix, r[1], at)
     end
     new_slices = new_slices + redis.call('ZADD', p .. 'slices', r[1], slice)
     stored = stored + r[2]
