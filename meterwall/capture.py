@@ -162,6 +162,14 @@ class Exchange:
             self._sent_all = True
             if self._body_sent:
                 self.bytes_out += _file_size(message)
+        elif kind == "websocket.accept":  # frames are not captured: the handshake's answer is
+            self.status = 101
+            self.ttfb_ns = time.perf_counter_ns() - self._t0
+        elif kind == "websocket.close" and not self.status:  # refused: the server answers 403
+            self.status = 403
+        elif kind == "websocket.http.response.start":  # refused with a response of the app's
+            self.status = message["status"]
+            self.ttfb_ns = time.perf_counter_ns() - self._t0
         try:
             await self._send(message)
         except OSError:
@@ -175,7 +183,7 @@ class Exchange:
         scope = self.scope
         body = self.body
         return (
-            self.start_ns, scope.get("method", ""), scope.get("path", ""),
+            self.start_ns, scope.get("method", "GET"), scope.get("path", ""),
             scope.get("query_string", b""), scope.get("scheme", "http"),
             scope.get("http_version", ""), scope.get("server"), scope.get("client"),
             tuple(chain.from_iterable(scope.get("headers") or ())), self.route, self.consumer,

@@ -236,7 +236,7 @@ class Flusher:
         task = self._task
         if task is None or task.done() or self._loop is not asyncio.get_running_loop():
             self.start()
-        method = ex.scope.get("method", "")
+        method = ex.scope.get("method", "GET")  # a websocket handshake is a GET
         row = (ex.start_ns // 1_000_000_000, ex.consumer, ex.key_id, ex.route,
                method if method in METHODS else "OTHER", ex.status or 499, ex.ttfb_ns,
                ex.bytes_in, ex.bytes_out, ex.denied)  # fmt: skip

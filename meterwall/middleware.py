@@ -94,17 +94,10 @@ class Meterwall:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" or kind == "websocket":  # a handshake is a request: decided, metered
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
-        elif kind == "websocket" and self.access is not None:
-            self._bind_access(self.access)
-            decision = await self.access.decide(scope)
-            if decision.status:  # the handshake gets the same decision as a request
-                await send_denial(decision, scope, send)
-                return
-            await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 

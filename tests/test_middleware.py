@@ -73,23 +73,72 @@ async def test_streaming_response_is_forwarded_chunk_by_chunk(settings) -> None:
     await mw.aclose()
 
 
-async def test_websocket_and_unknown_scopes_pass_through_untouched(settings) -> None:
+async def test_unknown_scopes_pass_through_untouched(settings) -> None:
     calls: list[tuple[Scope, Receive, Send]] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         calls.append((scope, receive, send))
 
     async def receive() -> Message:
-        return {"type": "websocket.connect"}
+        return {"type": "custom.event"}
 
     async def send(message: Message) -> None:
         return None
 
     mw = Meterwall(app, settings=settings)
-    scope = {"type": "websocket", "path": "/ws", "headers": []}
+    scope = {"type": "custom", "path": "/x", "headers": []}
     await mw(scope, receive, send)
     assert calls == [(scope, receive, send)]
     assert len(mw.flusher.meter) == 0
+
+
+async def test_websocket_messages_pass_unchanged_and_each_handshake_is_metered(
+    redis, settings, private_key
+) -> None:
+    """Frames are not captured; the handshake is a request (a GET answered 101, or refused),
+    counted like one, so a quota it spends has its row in the ledger."""
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        if scope["path"] == "/refused":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        await send({"type": "websocket.send", "text": "echo:" + message["text"]})
+        await send({"type": "websocket.close", "code": 1000})
+
+    def receiver() -> Receive:
+        incoming = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hi"}]
+
+        async def receive() -> Message:
+            return incoming.pop(0)
+
+        return receive
+
+    async def send(message: Message) -> None:
+        seen.append(message)
+
+    mw = Meterwall(app, settings=settings)
+    for path in ("/ws", "/refused"):
+        scope = {"type": "websocket", "path": path, "headers": [(b"host", b"api.test")],
+                 "scheme": "ws", "client": ("192.0.2.1", 1),
+                 "server": ("api.test", 80)}  # fmt: skip
+        await mw(scope, receiver(), send)
+    assert seen == [
+        {"type": "websocket.accept"}, {"type": "websocket.send", "text": "echo:hi"},
+        {"type": "websocket.close", "code": 1000}, {"type": "websocket.close", "code": 1008},
+    ]  # fmt: skip
+    await mw.aclose()
+    rows = await usage_totals(redis, settings.keyspace(), *this_hour())
+    assert sorted((r.method, r.status, r.requests) for r in rows) == [
+        ("GET", 101, 1), ("GET", 403, 1),
+    ]  # fmt: skip
+    records = await RecordReader(redis, settings, private_key).records()
+    assert sorted((r["path"], r["status"], r["bytes_in"]) for r in records) == [
+        ("/refused", 403, 0), ("/ws", 101, 0),
+    ]  # fmt: skip
 
 
 async def test_lifespan_messages_pass_unchanged_and_shutdown_flushes(

@@ -32,6 +32,7 @@ __all__ = ["plugin", "setup"]
 
 _CORE = web.AppKey("meterwall", Meterwall)
 _REQUEST_EXCHANGE = web.RequestKey("meterwall.exchange", tuple)
+_REQUEST_PREPARED = web.RequestKey("meterwall.prepared", web.StreamResponse)
 
 
 async def _no_receive() -> Message:  # the adapter never reads through ASGI
@@ -94,20 +95,31 @@ def _middleware(core: Meterwall) -> Any:
             core.complete(ex, cost)
             raise
         except BaseException:
-            ex.error, ex.status = True, ex.status or 500
+            ex.error = True
+            prepared = request.get(_REQUEST_PREPARED)
+            if prepared is not None:  # the status line went out: that is what the client got
+                ex.status, ex.bytes_out = prepared.status, _bytes_sent(prepared)
+            ex.status = ex.status or 500
             _finish(ex, request, t0)
             core.complete(ex, cost)
             raise
         _finish(ex, request, t0)
         ex.status = ex.status or response.status
         if response.prepared:  # streamed: its bytes are written already
-            ex.bytes_out = response.body_length
+            ex.bytes_out = _bytes_sent(response)
         else:
             ex.bytes_out = _size(getattr(response, "body", None))
         core.complete(ex, cost)
         return response
 
     return meterwall_middleware
+
+
+def _bytes_sent(response: web.StreamResponse) -> int:
+    """A prepared response's bytes so far: ``body_length`` is set only by ``write_eof``, which
+    aiohttp calls after the middleware returns (or never, when the handler raised)."""
+    writer = getattr(response, "_payload_writer", None)  # gone once write_eof ran
+    return response.body_length or int(getattr(writer, "output_size", 0))
 
 
 def _finish(ex: Exchange, request: web.Request, t0: int) -> None:
@@ -123,6 +135,7 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     if noted is None:
         return
     ex, t0 = noted
+    request[_REQUEST_PREPARED] = response
     if ex.ttfb_ns < 0:
         ex.ttfb_ns = time.perf_counter_ns() - t0
     for name, value in ex.extra_headers:

@@ -63,3 +63,31 @@ async def test_a_chunked_body_is_recorded_by_size_and_type_only(
     assert record["body"]["truncated"] is True
     assert record["body"]["kind"] == "digest"
     assert "hunter2" not in str(record)
+
+
+async def stream_then_fail(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=200)
+    await response.prepare(request)
+    await response.write(b"x" * 1000)
+    raise RuntimeError("the backend went away in the middle of the stream")
+
+
+async def test_an_error_after_a_stream_started_keeps_the_status_sent(
+    redis, settings: Settings, private_key
+) -> None:
+    """As in the ASGI middleware: the status already sent, its bytes, and the error flag (for
+    a streamed answer aiohttp counts what it wrote, head and chunk framing included)."""
+    app = web.Application()
+    app.router.add_get("/s", stream_then_fail)
+    meterwall_aiohttp.setup(app, settings)
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        aiohttp.ClientSession() as client,
+        client.get(server.make_url("/s")) as reply,
+    ):
+        assert reply.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reply.read()
+    [record] = await RecordReader(redis, settings, private_key).records()
+    assert (record["status"], record["error"]) == (200, True)
+    assert 1000 <= record["bytes_out"] < 1400
