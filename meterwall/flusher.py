@@ -36,7 +36,7 @@ from .clientip import canonical_ip, forget_addresses
 from .clock import Clock
 from .consumers import Consumer, ConsumerRegistry
 from .errors import ConfigurationError
-from .journal import FileJournal, Journal, NullJournal, deployment_dir, orphans
+from .journal import STALE_AFTER_S, FileJournal, Journal, NullJournal, deployment_dir, orphans
 from .keyspace import BUCKET_15M, TAG_CONSUMER, TAG_IP, TAG_KEY, TAG_NET, pack_positions
 from .metering import (
     KIND_1H,
@@ -175,6 +175,7 @@ class Flusher:
         self._dropped_total = 0
         self.batches_refused = 0
         self.journals_adopted = 0
+        self.stale_journals: set[str] = set()  # writers whose journal is too old to replay
         self.journal_error: str | None = None
         self._new_writer()
         self._task: asyncio.Task[None] | None = None
@@ -724,6 +725,16 @@ class Flusher:
         if self._journal_dir is None:
             return
         for orphan in orphans(self._journal_dir, self.writer):
+            if orphan.age_s() > STALE_AFTER_S:  # its batch marks in Redis may be gone
+                orphan.abandon()
+                if orphan.writer not in self.stale_journals:
+                    self.stale_journals.add(orphan.writer)
+                    log.error(
+                        "meterwall: the journal of writer %s in %s is older than its batch "
+                        "marks in Redis: replaying it could count twice, so it is left for an "
+                        "operator (docs/reliability.md)", orphan.writer, self._journal_dir,
+                    )  # fmt: skip
+                continue
             try:
                 await self._read_registry(redis)  # its deltas are billed in consumers' zones
                 batches, deltas, days, top = orphan.read()
@@ -857,7 +868,8 @@ class Flusher:
     def health(self) -> dict[str, Any]:
         """The flusher's state for ``meterwall.health()``."""
         running = self._task is not None and not self._task.done()
-        degraded = self.last_error or self.journal_error  # (no journal: a kill loses counts)
+        # (no journal: a kill loses counts; a stale one waits for an operator)
+        degraded = self.last_error or self.journal_error or self.stale_journals
         state = "stopped" if not running else "degraded" if degraded else "ok"
         return {
             "state": "misconfigured" if self.misconfigured else state,
@@ -874,6 +886,7 @@ class Flusher:
             "batches_refused": self.batches_refused,
             "last_error": self.last_error,
             "journal_error": self.journal_error,
+            "stale_journals": sorted(self.stale_journals),
             "last_flush_ok": self.last_flush_ok,
         }
 

@@ -41,6 +41,11 @@ log = logging.getLogger("meterwall")
 KEEP_S = 10.0  # acknowledged batches are kept this long (a Redis restart may undo them)
 ROTATE_S = 2.0  # a new segment at most this often
 MAX_AGE_S = 24 * 3600  # an abandoned journal older than the retention ceiling is dropped
+# How long a writer's high-water mark outlives its last batch (the flush script's `hwm:` key).
+# Replaying a journal is exact only while its writer's marks exist: an older one is left for an
+# operator (STALE_AFTER_S, a day of margin), never replayed on its own.
+MARK_LIFETIME_S = 30 * 86400
+STALE_AFTER_S = MARK_LIFETIME_S - 86400
 _HEAD = struct.Struct(">IB")  # length of the body, kind
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16  # buffers per writev
 DELTA, SNAPSHOT, TAKEN, BATCH, APPLIED = b"D"[0], b"S"[0], b"M"[0], b"P"[0], b"A"[0]
@@ -132,6 +137,19 @@ class NullJournal:
         return None
 
 
+def _check_private(path: Path) -> None:
+    """A journal's directory and its parent must be ours (or root's) and writable by nobody
+    else: whoever can write there can plant a journal that the next adoption replays into the
+    ledger, or swap ours away. The default lies in the shared temporary directory, where
+    another user could create it first."""
+    info = os.stat(path)
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+        raise OSError(
+            f"journal: {path} is owned by uid {info.st_uid} with mode {info.st_mode & 0o777:o}; "
+            "it must be this user's (or root's) and writable by nobody else"
+        )
+
+
 def deployment_dir(base: str, redis_url: str, key_prefix: str) -> Path:
     """Journals of one deployment only: another prefix or Redis never adopts them."""
     tag = hashlib.sha256(f"{redis_url}|{key_prefix}".encode()).hexdigest()[:16]
@@ -146,7 +164,9 @@ class FileJournal:
     ) -> None:
         """``top``: the highest batch number the writer used before (a flusher started again
         after ``aclose``): an adopter must replay leftovers above it, never as a batch below."""
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for place in (directory.parent, directory):  # (a mode for each: umask may be 0)
+            place.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _check_private(place)
         self.directory = directory
         self.writer = writer
         self._rotate_s = rotate_s
@@ -337,6 +357,11 @@ class Orphan:
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"{self.writer}.*.seg"))
+
+    def age_s(self) -> float:
+        """Seconds since the dead writer last wrote to its journal."""
+        paths = self.segments() or [self.directory / f"{self.writer}.lock"]
+        return time.time() - max(path.stat().st_mtime for path in paths)
 
     def read(self) -> Replay:
         """What the dead writer left to send."""

@@ -1,9 +1,10 @@
 """Closing a billing period: each consumer's month is frozen into a snapshot with a checksum.
 
 A month can be closed once its end in the consumer's billing zone lies more than the grace
-period in the past (late flushes have arrived by then). Closing writes the snapshot with
-``SET NX``, so closing twice changes nothing. From then on the flush script diverts that month's
-deltas into an adjustments hash instead of merging them silently.
+period in the past (late flushes have arrived by then). Closing marks the month first (``SET
+NX``), so closing twice changes nothing; from then on the flush script diverts that month's
+deltas into an adjustments hash instead of merging them silently. Only then is the month read
+and its snapshot written over the mark: a flush landing meanwhile is in one or the other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import ConfigurationError
 from .keyspace import Keyspace
 
 SNAPSHOT_RETENTION = 762 * 86400  # as long as the month counters: 25 months
+CLOSING = b"closing"  # a month being closed: frozen already, its snapshot not written yet
 
 
 @dataclass
@@ -81,15 +83,19 @@ async def close_period(
                 (consumer, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(closable_at)))
             )
             continue
+        # The marker first: from then on the flush script diverts the month's deltas into
+        # adjustments, so a flush landing while the month is read is in one of the two.
+        closed_key = keyspace.closed(consumer, period)
+        marked = await redis.set(closed_key, CLOSING, nx=True, ex=SNAPSHOT_RETENTION)
+        if not marked and await redis.get(closed_key) != CLOSING:  # (CLOSING: a close that
+            report.already_closed.append(consumer)  # stopped after its mark; finished here)
+            continue
         counts = await redis.hgetall(keyspace.counters_month(consumer, period))
         fields = {k.decode(): int(v) for k, v in counts.items()}
         snapshot = {"consumer": consumer, "period": period, "zone": zone_name,
                     "closed_at": now_s, "fields": fields, "checksum": checksum(fields)}  # fmt: skip
-        stored = await redis.set(
-            keyspace.closed(consumer, period), orjson.dumps(snapshot), nx=True,
-            ex=SNAPSHOT_RETENTION,
-        )  # fmt: skip
-        (report.closed if stored else report.already_closed).append(consumer)
+        await redis.set(closed_key, orjson.dumps(snapshot), xx=True, ex=SNAPSHOT_RETENTION)
+        report.closed.append(consumer)
     return report
 
 
@@ -98,7 +104,7 @@ async def snapshot(
 ) -> dict[str, Any] | None:
     """The closed month's snapshot (verified against its checksum), or None if still open."""
     raw = await redis.get(keyspace.closed(consumer, month))
-    if raw is None:
+    if raw is None or raw == CLOSING:  # (being closed: the month's counters are frozen)
         return None
     frozen: dict[str, Any] = orjson.loads(raw)
     if checksum(frozen["fields"]) != frozen["checksum"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import resource
 import signal
 import time
@@ -24,6 +25,11 @@ from meterwall.usage import UsageReader
 from tests.helpers import serve, stop
 from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
+
+
+def _files(directory: Path, pattern: str) -> list[Path]:
+    return list(directory.rglob(pattern))
+
 
 ROW = (1_800_000_000, "acme", "", "/x", "GET", 200, 1_000_000, 10, 20, "")
 ROW_BYTES = msgpack.packb(list(ROW))  # about what one request adds to a journal
@@ -437,3 +443,67 @@ async def test_a_flusher_started_again_after_aclose_and_killed_loses_no_count(
     month = datetime.now(UTC).strftime("%Y-%m")
     rows = await UsageReader(redis, own.keyspace()).totals("acme", month, [])
     assert sum(r["requests"] for r in rows) == 7
+
+
+async def test_a_journal_older_than_its_batch_marks_is_left_for_an_operator(
+    redis, settings
+) -> None:
+    """A replay is exact only while Redis holds the dead writer's high-water marks (30 days):
+    an older journal would count its acknowledged batches twice, so it is not replayed."""
+    import os
+
+    from meterwall.journal import MARK_LIFETIME_S
+
+    own = settings.replace(records="off", consumer_header="X-Consumer", counter_flush_interval=0,
+                           flush_interval=60)  # fmt: skip
+    headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+    dead = Meterwall(ok_app, settings=own)
+    for _ in range(5):
+        await dead(http_scope(headers=headers), body_receive(), _discard)
+    assert await dead.flusher.flush_once()  # applied and acknowledged
+    [mark] = await redis.keys(f"{settings.key_prefix}:*:hwm:{dead.flusher.writer}")
+    assert MARK_LIFETIME_S - 60 < await redis.ttl(mark) <= MARK_LIFETIME_S
+    assert dead.flusher._task is not None
+    dead.flusher._task.cancel()
+    dead.flusher.journal.forget_after_fork()  # killed: its connection closes with it
+    assert dead.flusher._redis is not None
+    await dead.flusher._redis.aclose()
+    journal_dir = Path(own.journal_dir)
+    old = time.time() - MARK_LIFETIME_S + 3600  # its host was off for 30 days less an hour
+    for path in _files(journal_dir, f"{dead.flusher.writer}.*"):
+        os.utime(path, (old, old))
+    await redis.delete(mark)  # (expired)
+
+    survivor = Meterwall(ok_app, settings=own)
+    await survivor(http_scope(headers=headers), body_receive(), _discard)
+    assert await survivor.flusher.flush_once()
+    assert survivor.flusher.journals_adopted == 0
+    assert survivor.health()["stale_journals"] == [dead.flusher.writer]
+    assert survivor.health()["state"] == "degraded"
+    assert await survivor.aclose()
+    month = datetime.now(UTC).strftime("%Y-%m")
+    rows = await UsageReader(redis, own.keyspace()).totals("acme", month, [])
+    assert sum(r["requests"] for r in rows) == 6
+    assert _files(journal_dir, f"{dead.flusher.writer}.*.seg")  # left in place
+
+
+# (changing a directory's owner needs root, which the suite has on its usual machines)
+@pytest.mark.parametrize("taken", ["mode", "owner"] if os.getuid() == 0 else ["mode"])
+async def test_a_journal_directory_others_can_write_to_turns_the_journal_off(
+    settings, tmp_path: Path, taken: str
+) -> None:
+    """The default lies in the shared temporary directory: another user could create it first
+    and plant journals that the next adoption replays into the ledger."""
+    base = tmp_path / "shared"
+    base.mkdir()
+    if taken == "mode":
+        base.chmod(0o777)
+    else:
+        os.chown(base, 65534, 65534)  # the tests run as root: another user's directory
+    mw = Meterwall(ok_app, settings=settings.replace(journal_dir=str(base), records="off"))
+    await mw(http_scope(), body_receive(), _discard)
+    health = mw.health()
+    assert "writable by nobody else" in (health["journal_error"] or "")
+    assert health["state"] == "degraded"
+    assert await mw.aclose()  # the counts still land
+    assert not _files(base, "*.seg")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgpack
 import pytest
@@ -446,3 +447,58 @@ def test_counter_increments_equal_the_rules_applied_delta_by_delta() -> None:
     assert counter_increments(deltas, zone_of, weight_of) == _increments_one_by_one(
         deltas, zone_of, weight_of
     )
+
+
+class _FlushAfterRead:
+    """The closer's client; a worker's flush lands right after the month is read."""
+
+    def __init__(self, redis: Any, flush: Any) -> None:
+        self._redis, self._flush = redis, flush
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._redis, name)
+
+    async def hgetall(self, key: str) -> Any:
+        value = await self._redis.hgetall(key)
+        if ":cm:" in key:
+            await self._flush()
+        return value
+
+
+async def test_a_flush_landing_while_a_month_is_closed_is_in_the_snapshot_or_adjusted(
+    redis, settings
+) -> None:
+    keyspace = settings.keyspace()
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"), clock=clock)
+    await send_at(mw, clock, "2026-10-20T12:00:00", "acme")
+    assert await mw.flusher.flush()
+    await send_at(mw, clock, "2026-10-31T23:59:00", "acme")  # a late batch, in flight
+
+    now = int(datetime(2026, 11, 1, 3, 0, tzinfo=UTC).timestamp())
+    closer = _FlushAfterRead(redis, mw.flusher.flush)
+    report = await close_period(closer, keyspace, "2026-10", grace_s=7200, now_s=now)
+    assert report.closed == ["acme"]
+    assert await mw.aclose()
+    [frozen] = await UsageReader(redis, keyspace).totals("acme", "2026-10")
+    late = (await adjustments(redis, keyspace, "2026-10")).get("acme", {})
+    assert frozen["requests"] + sum(v for k, v in late.items() if k.endswith("requests")) == 2
+    again = await close_period(redis, keyspace, "2026-10", grace_s=7200, now_s=now)
+    assert again.already_closed == ["acme"]
+
+
+async def test_a_close_stopped_after_its_mark_is_finished_by_the_next(redis, settings) -> None:
+    from meterwall.periods import CLOSING
+
+    keyspace = settings.keyspace()
+    clock = FixedClock(0)
+    mw = Meterwall(ok_app, settings=settings.replace(consumer_header="X-Consumer"), clock=clock)
+    await send_at(mw, clock, "2026-10-20T12:00:00", "acme")
+    assert await mw.aclose()
+    await redis.set(keyspace.closed("acme", "2026-10"), CLOSING)  # the closer died here
+    [open_month] = await UsageReader(redis, keyspace).totals("acme", "2026-10")
+    assert open_month["requests"] == 1
+    now = int(datetime(2026, 11, 1, 3, 0, tzinfo=UTC).timestamp())
+    report = await close_period(redis, keyspace, "2026-10", grace_s=7200, now_s=now)
+    assert report.closed == ["acme"]
+    assert json.loads(await redis.get(keyspace.closed("acme", "2026-10")))["fields"]

@@ -85,12 +85,13 @@ for _, s in ipairs(stats) do
 end
 
 -- One command in the usual case: SET ... GET answers the old mark, which a duplicate (rare:
--- a retry or a replay) puts back.
+-- a retry or a replay) puts back. The mark lives 30 days after the writer's last batch
+-- (journal.MARK_LIFETIME_S): a journal adopted later than that is not replayed on its own.
 local hwm_key = p .. 'hwm:' .. writer
-local old_hwm = redis.call('SET', hwm_key, string.format('%d', seq), 'EX', 172800, 'GET')
+local old_hwm = redis.call('SET', hwm_key, string.format('%d', seq), 'EX', 2592000, 'GET')
 local hwm = tonumber(old_hwm or '0')
 if seq <= hwm then
-  redis.call('SET', hwm_key, old_hwm, 'EX', 172800)
+  redis.call('SET', hwm_key, old_hwm, 'EX', 2592000)
   return {'duplicate', tostring(hwm)}
 end
 
