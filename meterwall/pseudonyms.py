@@ -147,6 +147,7 @@ class IpPseudonymiser:
             self._wrap_key(hour, key_id, secret),
             expire_at,
             "add" if add else "first",
+            self._period,
         )
 
     def epoch(self, hour: int) -> Epoch:

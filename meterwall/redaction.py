@@ -105,6 +105,21 @@ def _text(data: bytes) -> str:
         return data.decode("latin-1")
 
 
+def _without_password(url: str) -> str:
+    """``scheme://user:password@host/...`` with the password masked; a user part alone may be
+    a token (``https://ghp_...@github.com``), so it is masked whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:{SECRET_MASK}" if colon else SECRET_MASK
+    return f"{scheme}://{masked}@{host}{slash}{path}"
+
+
 def _host(token: str) -> str:
     """The address part of an address token: drop quotes, ``[v6]`` brackets and a port."""
     token = token.strip().strip('"').strip()
@@ -352,8 +367,10 @@ class Redactor:
 
     def _url(self, value: str) -> str:
         base, mark, rest = value.partition("?")
+        if "@" in base:
+            base = _without_password(base)
         if not mark:
-            return value
+            return base
         query, hash_mark, fragment = rest.partition("#")
         return f"{base}?{self._mask_pairs(query)}{hash_mark}{fragment}"
 

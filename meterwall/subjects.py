@@ -13,6 +13,7 @@ from then on the flusher keeps no raw record of the subject while counting goes 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import defaultdict
@@ -44,6 +45,9 @@ def _subject(ip: str | None, consumer: str | None) -> TraceQuery:
     return query
 
 
+_AHEAD_NS = 2 * 86400 * 10**9  # how far ahead of this host's clock a writer's may run
+
+
 class SubjectRights:
     """Serve one deployment's data-subject requests. Export needs the private key."""
 
@@ -65,7 +69,7 @@ class SubjectRights:
     async def export(self, *, ip: str | None = None, consumer: str | None = None) -> dict[str, Any]:
         """Every raw record still held about the subject, opened, with a receipt; a consumer's
         usage aggregates too. The bundle is for the subject: it holds their own address."""
-        query = _subject(ip, consumer)
+        query = self._everything_held(_subject(ip, consumer))
         found = await self._tracer.find(query)
         bundle: dict[str, Any] = {"records": found.records}
         if consumer is not None:
@@ -89,7 +93,7 @@ class SubjectRights:
             raise ConfigurationError("--aggregates", "applies to a consumer only")
         if closed_periods and not aggregates:
             raise ConfigurationError("--closed-periods", "needs --aggregates as well")
-        query = _subject(ip, consumer)
+        query = self._everything_held(_subject(ip, consumer))
         found = await self._tracer.locate(query)
         erased, members = await self._erase_hits(found.hits)
         keys = await self._erase_aggregates(consumer, closed_periods) if aggregates else 0
@@ -179,6 +183,11 @@ class SubjectRights:
     async def _hscan(self, key: Any, match: str) -> Any:
         async for item in self._redis.hscan_iter(key, match=match):
             yield item
+
+    def _everything_held(self, query: TraceQuery) -> TraceQuery:
+        """A data-subject request covers every record held, also those an app server whose
+        clock runs ahead of this host's stamped in the future (up to two days)."""
+        return dataclasses.replace(query, until_ns=self._clock.now_ns() + _AHEAD_NS)
 
     async def _consumer_keys(self, prefix: str, kind: str, consumer: str) -> Any:
         """The ``{kind}:{consumer}:{day or month}`` keys of one consumer. Consumer ids may hold

@@ -61,3 +61,19 @@ async def test_a_key_made_while_redis_was_away_is_published_as_another_key(
     stored = await redis.hgetall(Keyspace(key_prefix, 16).epoch_keys(HOUR_NOW))
     assert local.key_id.encode() in stored
     assert len(stored) == 2  # a search by IP tries both
+
+
+async def test_a_writer_whose_clock_runs_ahead_cannot_keep_an_epoch_key_longer(
+    redis, key_prefix
+) -> None:
+    """Its hour lies in the future, so it asks for a later end: Redis caps it at its own now +
+    an hour + the ceiling (a day's unique-client key: + a day + the ceiling)."""
+    secret = os.urandom(32)
+    ahead = HOUR_NOW + 48  # two days ahead
+    await pseudonymiser(key_prefix, secret).prepare(ahead, redis)
+    ttl = await redis.ttl(Keyspace(key_prefix, 16).epoch_keys(ahead))
+    assert 86400 < ttl <= 3600 + 86400
+    await pseudonymiser(key_prefix, secret).prepare(HOUR_NOW, redis)  # a correct clock's
+    ttl = await redis.ttl(Keyspace(key_prefix, 16).epoch_keys(HOUR_NOW))
+    assert ttl <= 3600 + 86400
+    assert abs(time.time() + ttl - ((HOUR_NOW + 1) * HOUR + 86400)) <= 2  # not cut short

@@ -142,6 +142,14 @@ def test_referer_query_masked(redactor: Redactor) -> None:
     assert out == f"https://a.example/p?token={SECRET_MASK}&q=1#frag"
 
 
+def test_a_password_in_a_url_header_is_masked(redactor: Redactor) -> None:
+    out = header(redactor, "referer", "https://ada:hunter2@a.example/p?q=1")
+    assert out == f"https://ada:{SECRET_MASK}@a.example/p?q=1"
+    out = header(redactor, "referer", "https://ghp_tok3n@github.example/org")
+    assert out == f"https://{SECRET_MASK}@github.example/org"
+    assert header(redactor, "referer", "https://a.example/@ada") == "https://a.example/@ada"
+
+
 @pytest.mark.parametrize("name", ["x-original-uri", "x-original-url", "x-forwarded-uri"])
 def test_urls_proxies_pass_on_have_their_query_masked(redactor: Redactor, name: str) -> None:
     out = header(redactor, name, "/login?access_token=tok_9f8e7d&next=/home")

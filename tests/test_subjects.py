@@ -281,3 +281,19 @@ async def test_an_export_into_an_existing_file_leaves_it_readable_by_its_owner_o
     assert done.returncode == 0, done.stderr
     assert out.stat().st_mode & 0o777 == 0o600
     assert json.loads(out.read_text())["receipt"]["action"] == "export"
+
+
+async def test_a_subject_request_covers_records_a_writer_ahead_of_this_host_stamped(
+    redis, settings, private_key
+) -> None:
+    """An app server whose clock runs three hours ahead of the host serving the request:
+    its records lie in this host's future, and are still the subject's."""
+    ahead = FixedClock(time.time_ns() + 3 * 3600 * 10**9)
+    app = Meterwall(ok_app, settings=settings, clock=ahead)
+    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    rights = SubjectRights(redis, settings, private_key, actor="os:dpo")
+    exported = await rights.export(ip="203.0.113.7")
+    assert [r["client"]["ip"] for r in exported["records"]] == ["203.0.113.7"]
+    assert (await rights.erase(ip="203.0.113.7"))["records_erased"] == 1
+    assert (await rights.export(ip="203.0.113.7"))["records"] == []

@@ -9,8 +9,13 @@
 -- so all writers agree. A key a writer published while Redis was away is simply another field
 -- (a search by IP tries them all). The hash expires with the retention window: after that the
 -- pseudonyms of that hour can never be linked to an address again.
+-- ARGV[5]  the epoch's length in seconds (3600: an hour; 86400: a day's unique-client key)
+--
+-- A writer whose clock runs ahead asks for a later end: capped at Redis's own now + one epoch +
+-- the 24-hour ceiling, as its records are.
 if redis.call('HLEN', KEYS[1]) == 0 or ARGV[4] == 'add' then
   redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+  local latest = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[5] or '3600') + 86400
+  redis.call('EXPIREAT', KEYS[1], string.format('%d', math.min(tonumber(ARGV[3]), latest)))
 end
 return redis.call('HGETALL', KEYS[1])
