@@ -129,6 +129,7 @@ class Flusher:
         self.journal: Journal = journal or NullJournal()
         self._journal_dir = _journal_dir(settings)
         self._next_adoption = 0.0
+        self._readopt = False  # Redis restarted: replay the journals replayed lately again
         self.records_on = settings.records == "sealed"
         self._retention = int(settings.raw_retention)
         if self.records_on:
@@ -364,6 +365,8 @@ class Flusher:
             queued = {(seq, shard) for seq, shard, _ in self._resend}
             self._resend += [b for b in self.journal.recent() if (b[0], b[1]) not in queued]
             self._resend.sort(key=lambda b: (b[0], b[1]))
+            self.journal.owed(self._resend)  # a kill before they land must not lose them
+            self._readopt, self._next_adoption = True, 0.0
         self.journal.release_recent()
         self._run_id = run_id
         self._shards_checked = True
@@ -724,7 +727,8 @@ class Flusher:
         self._next_adoption = time.monotonic() + _ADOPT_EVERY
         if self._journal_dir is None:
             return
-        for orphan in orphans(self._journal_dir, self.writer):
+        again, self._readopt = self._readopt, False
+        for orphan in orphans(self._journal_dir, self.writer, again=again):
             if orphan.age_s() > STALE_AFTER_S:  # its batch marks in Redis may be gone
                 orphan.abandon()
                 if orphan.writer not in self.stale_journals:
@@ -757,7 +761,10 @@ class Flusher:
                 orphan.abandon()
                 log.exception("meterwall: could not replay the journal of %s", orphan.writer)
                 continue
-            orphan.release()
+            first = orphan.replayed_ago() is None
+            orphan.replayed()
+            if not first:
+                continue  # replayed again after a Redis restart: counted once
             self.journals_adopted += 1
             log.info("meterwall: replayed the journal of writer %s (%d batches, %d deltas, "
                      "%d unique-client days)", orphan.writer, len(batches), len(deltas),

@@ -85,6 +85,11 @@ class Journal(Protocol):
         """(seq, shard, batch) acknowledged within ``KEEP_S``: to send again after a Redis
         restart, in batch order."""
 
+    def owed(self, batches: list[tuple[int, int, bytes]]) -> None:
+        """(seq, shard, batch) a restarted Redis lost, to send again: kept like batches never
+        acknowledged (copied by every compaction) until Redis acknowledges them again, so a
+        kill in the middle of sending them again loses none."""
+
     def hold_recent(self) -> None:
         """Contact with Redis is lost: keep what ``recent`` would answer now until released
         (finding out whether Redis restarted may take longer than ``KEEP_S``)."""
@@ -121,6 +126,9 @@ class NullJournal:
 
     def recent(self) -> list[tuple[int, int, bytes]]:
         return []
+
+    def owed(self, batches: list[tuple[int, int, bytes]]) -> None:
+        return None
 
     def hold_recent(self) -> None:
         return None
@@ -274,6 +282,11 @@ class FileJournal:
         since = time.monotonic() if held is None else held
         return since - acknowledged_at < KEEP_S or acknowledged_at > since
 
+    def owed(self, batches: list[tuple[int, int, bytes]]) -> None:
+        for seq, shard, payload in batches:
+            home = self._batches.get((seq, shard), (b"", 0.0, self._segment))[2]
+            self._batches[(seq, shard)] = (payload, 0.0, home)
+
     def hold_recent(self) -> None:
         if self._held_since is None:
             self._held_since = time.monotonic()
@@ -394,10 +407,28 @@ class Orphan:
         days = [(c, d, latest_s, b"".join(sorted(m))) for (c, d), (latest_s, m) in uniques.items()]
         return Replay(ordered, meter.take(), days, top)
 
+    def replayed(self) -> None:
+        """Everything reached Redis: kept ``KEEP_S`` more, like a live writer's acknowledged
+        batches (a Redis restart may undo the replay: ``orphans(again=True)``), then it goes."""
+        self._marker().write_bytes(b"")
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+    def replayed_ago(self) -> float | None:
+        """Seconds since this journal was replayed, or None if it never was."""
+        try:
+            return time.time() - self._marker().stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def _marker(self) -> Path:
+        return self.directory / f"{self.writer}.replayed"
+
     def release(self) -> None:
-        """Everything reached Redis: the journal goes."""
+        """The journal goes."""
         for path in self.segments():
             path.unlink(missing_ok=True)
+        self._marker().unlink(missing_ok=True)
         (self.directory / f"{self.writer}.lock").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
@@ -408,8 +439,14 @@ class Orphan:
             os.close(self._lock_fd)
 
 
-def orphans(directory: Path, live: str) -> Iterator[Orphan]:
-    """Journals of writers that are gone (their lock can be taken), oldest first."""
+def orphans(directory: Path, live: str, *, again: bool = False) -> Iterator[Orphan]:
+    """Journals of writers that are gone (their lock can be taken), oldest first.
+
+    A journal replayed already is skipped, and deleted once ``KEEP_S`` has passed; with
+    ``again`` (Redis restarted, and may have lost the replay) it is yielded once more: a replay
+    is idempotent while Redis holds the batch marks, and restores what Redis lost otherwise.
+    Callers ask only while Redis answers, its run id checked: a restart is never missed.
+    """
     if not directory.is_dir():
         return
     for lock in sorted(directory.glob("*.lock"), key=lambda p: p.stat().st_mtime):
@@ -428,6 +465,13 @@ def orphans(directory: Path, live: str) -> Iterator[Orphan]:
         orphan = Orphan(directory, writer, fd)
         if time.time() - lock.stat().st_mtime > MAX_AGE_S and not orphan.segments():
             orphan.release()
+            continue
+        replayed_ago = orphan.replayed_ago()
+        if replayed_ago is not None and not again:
+            if replayed_ago > KEEP_S:
+                orphan.release()
+            else:
+                orphan.abandon()
             continue
         yield orphan
 

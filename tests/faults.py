@@ -30,6 +30,9 @@ class Faults:
     # While set, every reply is swallowed and the connection stays open: a client's commands run
     # in Redis and it times out waiting (a reply lost on the way, not a connection lost).
     mute_replies: bool = False
+    # When set, only chunks holding these bytes (say b"EVAL": the flush script's calls) meet the
+    # faults above; every other chunk passes untouched.
+    only: bytes = b""
     seed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -87,6 +90,10 @@ class FaultProxy:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await src.read(65536):
                 if link["frozen"]:
+                    continue
+                if self.faults.only and self.faults.only not in data:
+                    server_w.write(data)
+                    await server_w.drain()
                     continue
                 if self._roll("half_open"):
                     link["frozen"] = True

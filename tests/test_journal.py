@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -175,7 +176,13 @@ async def test_a_killed_worker_loses_no_count(redis, settings: Settings, tmp_pat
         assert (row["route"], row["requests"]) == ("/echo/{n:int}", 5)  # ...the journal none
         assert row["bytes_in"] == sum(n for n in range(200) if n % 40 == index)
     await survivor.aclose()
-    assert segments(Path(own.journal_dir)) == []  # everything reached Redis
+    # everything reached Redis: the journal is marked replayed, and goes once a Redis restart
+    # can no longer undo the replay (KEEP_S), at the next adoption round
+    [marker] = _files(Path(own.journal_dir), "*.replayed")
+    assert segments(Path(own.journal_dir))
+    os.utime(marker, (time.time() - 11, time.time() - 11))
+    assert list(orphans(marker.parent, live="")) == []
+    assert segments(Path(own.journal_dir)) == []
 
 
 def segments(directory: Path) -> list[Path]:
@@ -507,3 +514,42 @@ async def test_a_journal_directory_others_can_write_to_turns_the_journal_off(
     assert health["state"] == "degraded"
     assert await mw.aclose()  # the counts still land
     assert not _files(base, "*.seg")
+
+
+async def test_a_replayed_journal_is_replayed_again_when_redis_loses_the_replay(
+    settings,
+) -> None:
+    """Redis may lose its last second (AOF everysec) right after a replay: the replayed journal
+    is kept for that window, like a live writer's acknowledged batches, and replayed again."""
+    server = EmbeddedRedis().start()
+    port = server.port
+    try:
+        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
+                               counter_flush_interval=0, flush_interval=60)  # fmt: skip
+        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        dead = Meterwall(ok_app, settings=own)
+        for _ in range(5):  # journaled, never flushed
+            await dead(http_scope(headers=headers), body_receive(), _discard)
+        assert dead.flusher._task is not None
+        dead.flusher._task.cancel()
+        dead.flusher.journal.forget_after_fork()  # killed
+
+        survivor = Meterwall(ok_app, settings=own)
+        await survivor(http_scope(headers=headers), body_receive(), _discard)
+        assert await survivor.flusher.flush_once()
+        assert survivor.flusher.journals_adopted == 1
+        await asyncio.to_thread(server.kill)  # loses the replay and the survivor's batch
+        server = await asyncio.to_thread(EmbeddedRedis(port=port).start)
+        await survivor(http_scope(headers=headers), body_receive(), _discard)
+        for _ in range(5):
+            survivor.flusher._retry_at = 0.0
+            if await survivor.flusher.flush_once():
+                break
+        assert survivor.flusher.journals_adopted == 1  # counted once, replayed twice
+        assert await survivor.aclose()
+        async with aioredis.Redis(port=port) as direct:
+            month = datetime.now(UTC).strftime("%Y-%m")
+            rows = await UsageReader(direct, own.keyspace()).totals("acme", month, [])
+    finally:
+        server.stop()
+    assert sum(r["requests"] for r in rows) == 7
