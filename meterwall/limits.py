@@ -17,7 +17,8 @@ The bounds, documented in the README:
   was killed, reclaimed by the script ``RECLAIM_GRACE_S`` after that;
 * a killed worker's tokens come back minus what it reported spent; requests it admitted after
   its last report (at most the tokens of its leases) are not known to Redis and can be admitted
-  again: the only way a quota can be overshot while Redis answers.
+  again: the only way a quota can be overshot while Redis answers. A live worker whose
+  requests stop coming settles its leases before they lapse (``settle_quiet``, every second).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ RATE_LEASE_S = 1.0  # leased rate tokens are spent within this, or handed back
 RATE_RENEW_AHEAD_NS = int(RATE_LEASE_S * 1e9 / 2)
 QUOTA_RENEW_AHEAD_NS = 2_000_000_000  # the same for quota leases, which live QUOTA_LEASE_S
 QUOTA_LEASE_S = 10.0  # a quota lease is settled within this
+SETTLE_EVERY_S = 1.0  # how often a worker looks for leases whose requests stopped coming
 RECLAIM_GRACE_S = 5.0  # ... and reclaimed by Redis this long after, if it never was
 FIRST_LEASE, MAX_LEASE, SHARE = 8, 1024, 4
 
@@ -259,6 +261,7 @@ class Limiter:
         self._unknown_plans: set[str] = set()
         self._plan_cache: dict[str, object] = {}  # plan name -> Plan or None
         self._redis: Any = None
+        self._settler: asyncio.Task[None] | None = None
         self.lease_calls = 0  # round trips to Redis (benchmarks report them per request)
 
     @property
@@ -272,6 +275,31 @@ class Limiter:
         """A forked child holds none of its parent's leases (and must not settle them)."""
         self._writer = secrets.token_hex(4)
         self._tokens.clear()
+        self._settler = None
+
+    async def settle_quiet(self) -> None:
+        """Settle the leases of consumers whose requests stopped coming (their newest lease
+        lapses soon and nothing renewed it). Unsettled, Redis reclaims such a lease at its
+        deadline as if its spent tokens were not: they would be admitted again elsewhere."""
+        now = self._clock.now_ns()
+        loop = asyncio.get_running_loop()
+        for consumer, tokens in list(self._tokens.items()):
+            if tokens.pending is None and tokens.quota_lapsing(now):
+                tokens.pending = loop.create_task(self._give_back(tokens, consumer))
+
+    async def _give_back(self, tokens: _Tokens, consumer: str) -> None:
+        try:
+            await self._call(tokens, consumer, 0, closing=True)
+        except Exception as exc:  # Redis away: it reclaims the lease at its deadline
+            log.debug("meterwall: could not settle a quiet consumer's lease: %s", exc)
+        finally:
+            tokens.pending = None
+
+    async def _settle_quiet_periodically(self) -> None:
+        while self._tokens:
+            await asyncio.sleep(SETTLE_EVERY_S)
+            await self.settle_quiet()
+        self._settler = None
 
     def plan_of(self, name: str) -> Plan | None:
         plan = self._plans.get(name or self._default)
@@ -350,6 +378,15 @@ class Limiter:
         return Verdict(tokens.blocked, max(1, tokens.retry_s), headers)
 
     async def _lease(self, tokens: _Tokens, consumer: str, cost: int) -> None:
+        settler = self._settler
+        if (
+            settler is None
+            or settler.done()
+            or settler.get_loop() is not asyncio.get_running_loop()
+        ):
+            self._settler = asyncio.get_running_loop().create_task(
+                self._settle_quiet_periodically(), name="meterwall-lease-settler"
+            )
         try:
             await self._call(tokens, consumer, cost)
         finally:
@@ -491,6 +528,11 @@ class Limiter:
         At the first failure the rest are left to Redis, which reclaims leases at their
         deadline: one timeout per consumer would outlast a process manager's grace period.
         """
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await self._settler
+            self._settler = None
         held = list(self._tokens.items())
         for done, (consumer, tokens) in enumerate(held):
             if tokens.pending is not None:

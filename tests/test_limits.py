@@ -418,3 +418,35 @@ async def test_shutdown_with_redis_gone_gives_up_handing_back_after_one_failure(
         assert "6 consumer(s)" in handing_back[0].getMessage()
     finally:
         server.stop()
+
+
+async def test_a_quota_is_not_overshot_when_a_live_worker_goes_quiet(redis, settings) -> None:
+    """Worker A leased 8 tokens and spent 1 (reported with its next lease call, which never
+    comes: the consumer's traffic moved to worker B). A settles the lease before it lapses;
+    left to lapse, Redis would reclaim it as if nothing was spent, and admit one too many."""
+    own = limited(settings, "q: 40 requests/month", default_plan="q")
+    clock = FixedClock(T0)
+
+    def worker() -> Limiter:
+        limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan="q", clock=clock)
+        limiter.bind(redis)
+        return limiter
+
+    a, b = worker(), worker()
+    admitted = not (await a.admit("acme", "", "/x")).reason
+    assert a._tokens["acme"].quota_held(clock.now_ns()) == 7
+    assert a._settler is not None  # settling quiet consumers every second from here on
+    clock.advance(8.5)  # the lease lapses within the 2 s its renewal looks ahead
+    await a.settle_quiet()  # what the settler does on its next round
+    if a._tokens["acme"].pending is not None:
+        await a._tokens["acme"].pending
+    assert a._tokens["acme"].leases == []
+    clock.advance(11.5)  # the consumer's next requests reach worker B
+    for _ in range(60):
+        admitted += not (await b.admit("acme", "", "/x")).reason
+        if b._tokens["acme"].pending is not None:
+            await b._tokens["acme"].pending
+    assert admitted == 40
+    await a.aclose()
+    await b.aclose()
+    assert a._settler is None
