@@ -178,8 +178,12 @@ class FileJournal:
         self.directory = directory
         self.writer = writer
         self._rotate_s = rotate_s
-        self._lock_fd = os.open(directory / f"{writer}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        # Locked before it has its name: an adopter looking for dead writers' locks must never
+        # take a live writer's in the moment between its creation and its lock.
+        making = directory / f".{writer}.lock.new"
+        self._lock_fd = os.open(making, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(making, directory / f"{writer}.lock")
         self._segment = 0
         self._fd = -1
         self._opened_at = 0.0

@@ -29,7 +29,7 @@ from .consumers import check_consumer_id
 from .errors import ConfigurationError
 from .keyspace import SEP
 from .settings import Settings
-from .tracing import Hit, TraceQuery, Tracer, iso_utc
+from .tracing import AHEAD_NS, Hit, TraceQuery, Tracer, iso_utc
 from .usage import UsageReader
 
 ERASE_SCRIPT = resources.files("meterwall").joinpath("lua/erase.lua").read_text()
@@ -43,9 +43,6 @@ def _subject(ip: str | None, consumer: str | None) -> TraceQuery:
     query = TraceQuery(ip=ip, consumer=consumer)
     query.check()
     return query
-
-
-_AHEAD_NS = 2 * 86400 * 10**9  # how far ahead of this host's clock a writer's may run
 
 
 class SubjectRights:
@@ -187,7 +184,7 @@ class SubjectRights:
     def _everything_held(self, query: TraceQuery) -> TraceQuery:
         """A data-subject request covers every record held, also those an app server whose
         clock runs ahead of this host's stamped in the future (up to two days)."""
-        return dataclasses.replace(query, until_ns=self._clock.now_ns() + _AHEAD_NS)
+        return dataclasses.replace(query, until_ns=self._clock.now_ns() + AHEAD_NS)
 
     async def _consumer_keys(self, prefix: str, kind: str, consumer: str) -> Any:
         """The ``{kind}:{consumer}:{day or month}`` keys of one consumer. Consumer ids may hold

@@ -44,6 +44,10 @@ _STATUS = re.compile(r"^(?:[1-5]xx|[1-5]\d\d)$")
 MAX_NETWORKS = 256  # /24s (or /48s) one subnet search may cover
 
 
+#: How far ahead of this host's clock an app server's may run: a record can lie no further.
+AHEAD_NS = 2 * 86400 * 10**9
+
+
 @dataclass(frozen=True, slots=True)
 class TraceQuery:
     """What to look for. At least one of ip, subnet, consumer, key_id; the rest filter."""
@@ -189,7 +193,9 @@ class Tracer:
         query.check()
         window = self._clock.now_ns() - self._retention_ns
         since = window if query.since_ns is None else query.since_ns
+        # (no record lies further ahead than a writer's clock may run: a far --to is cut there)
         until = self._clock.now_ns() if query.until_ns is None else query.until_ns
+        until = min(until, self._clock.now_ns() + AHEAD_NS)
         if since < window:
             raise RetentionExceeded("records older than the retention window are gone")
         if until < since:

@@ -553,3 +553,22 @@ async def test_a_replayed_journal_is_replayed_again_when_redis_loses_the_replay(
     finally:
         server.stop()
     assert sum(r["requests"] for r in rows) == 7
+
+
+def test_a_journal_lock_is_taken_before_it_has_its_name(tmp_path: Path) -> None:
+    """An adopter takes any *.lock it can lock for a dead writer's: a live writer's must be
+    locked from the moment it can be found."""
+    import fcntl
+
+    journal = FileJournal(tmp_path / "journal", "w1")
+    assert sorted(p.name for p in (tmp_path / "journal").iterdir()) == [
+        "w1.00000001.seg", "w1.lock",
+    ]  # fmt: skip
+    other = os.open(tmp_path / "journal" / "w1.lock", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+    assert list(orphans(tmp_path / "journal", live="")) == []
+    journal.close(clean=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -276,3 +277,16 @@ async def test_with_a_short_retention_a_slice_never_straddles_an_hour(
     assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"]
     receipt = await SubjectRights(redis, own, clock=clock, actor="t").erase(ip="203.0.113.7")
     assert receipt["records_erased"] == 1
+
+
+async def test_a_far_end_of_the_range_is_cut_where_no_record_can_lie(
+    redis, settings, private_key
+) -> None:
+    """`trace --to 9999-12-31` used to build a lookup for every hour up to then."""
+    app = Meterwall(ok_app, settings=settings)
+    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    tracer = Tracer(redis, settings, private_key, actor="t")
+    query = TraceQuery(ip="203.0.113.7", until_ns=253402214400 * NS)  # 9999-12-31
+    found = await asyncio.wait_for(tracer.trace(query), 10)
+    assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"]
