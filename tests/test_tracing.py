@@ -220,13 +220,18 @@ async def test_the_admin_api_traces_for_the_security_role_only(redis, traffic, p
     assert [e["actor"] for e in entries] == ["token:security-bot"] * 2  # failed ones: none
 
 
+async def one_record_from(address: str, redis: Any, settings: Settings, private_key: Any) -> Tracer:
+    """One request's record from ``address``, and a tracer to find it with."""
+    app = Meterwall(ok_app, settings=settings)
+    await app(http_scope("/x", client=(address, 5000)), body_receive(), _discard)
+    assert await app.aclose()
+    return Tracer(redis, settings, private_key, actor="t")
+
+
 async def test_a_subnet_written_ipv4_mapped_is_the_ipv4_network(
     redis, settings, private_key
 ) -> None:
-    app = Meterwall(ok_app, settings=settings)
-    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
-    assert await app.aclose()
-    tracer = Tracer(redis, settings, private_key, actor="t")
+    tracer = await one_record_from("203.0.113.7", redis, settings, private_key)
     for subnet in ("203.0.113.0/24", "::ffff:203.0.113.0/120", "::ffff:203.0.113.0/124"):
         found = await tracer.trace(TraceQuery(subnet=subnet))
         assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"], subnet
@@ -283,10 +288,7 @@ async def test_a_far_end_of_the_range_is_cut_where_no_record_can_lie(
     redis, settings, private_key
 ) -> None:
     """`trace --to 9999-12-31` used to build a lookup for every hour up to then."""
-    app = Meterwall(ok_app, settings=settings)
-    await app(http_scope("/x", client=("203.0.113.7", 5000)), body_receive(), _discard)
-    assert await app.aclose()
-    tracer = Tracer(redis, settings, private_key, actor="t")
+    tracer = await one_record_from("203.0.113.7", redis, settings, private_key)
     query = TraceQuery(ip="203.0.113.7", until_ns=253402214400 * NS)  # 9999-12-31
     found = await asyncio.wait_for(tracer.trace(query), 10)
     assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"]
