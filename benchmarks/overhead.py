@@ -179,7 +179,7 @@ async def stage_breakdown(
     # dropped after each block. A third one hands nothing to its flusher: capture alone.
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as journal_dir:
-        journal = FileJournal(Path(journal_dir), "probe")
+        journal = FileJournal(Path(journal_dir) / "journal", "probe")  # (a private parent)
         probe = Meterwall(app, settings=settings, journal=journal)
         probe.flusher._task = loop.create_future()  # type: ignore[assignment]
         capture = Meterwall(app, settings=settings)

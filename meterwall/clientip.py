@@ -93,18 +93,21 @@ class TrustedProxies:
     both would let a client choose its address.
     """
 
-    __slots__ = ("_by_mask", "_header", "_key", "_networks")
+    __slots__ = ("_by_mask", "_header", "_key", "_networks", "chosen")
 
     def __init__(
         self,
         networks: Iterable[str | IPv4Network | IPv6Network] = (),
         *,
-        header: str = "x-forwarded-for",
+        header: str | None = None,
     ) -> None:
-        if header not in PROXY_HEADERS:
+        """``header``: the one the proxies write; None leaves it to ``Settings.proxy_header``
+        (whose default is X-Forwarded-For)."""
+        if header is not None and header not in PROXY_HEADERS:
             choices = ", ".join(PROXY_HEADERS)
             raise ConfigurationError("MW_PROXY_HEADER", f"must be one of {choices}")
-        self._header = header.encode()
+        self.chosen = header is not None
+        self._header = (header or PROXY_HEADERS[0]).encode()
         nets = [_as_network(n, "MW_TRUSTED_PROXIES") for n in networks]
         self._networks = tuple(dict.fromkeys(nets))
         # Everything as 128-bit (mapped) integers grouped by mask: one AND and one set lookup
@@ -120,7 +123,7 @@ class TrustedProxies:
 
     @classmethod
     def parse(
-        cls, text: str, *, setting: str = "MW_TRUSTED_PROXIES", header: str = "x-forwarded-for"
+        cls, text: str, *, setting: str = "MW_TRUSTED_PROXIES", header: str | None = None
     ) -> TrustedProxies:
         """``"10.0.0.0/8, 127.0.0.1 ::1"``; host bits in a CIDR are an error, not rounded off,
         because a typo in this list widens who may claim to be any client."""
@@ -139,7 +142,9 @@ class TrustedProxies:
 
     def reading(self, header: str) -> TrustedProxies:
         """The same proxies, believed in ``header`` (``MW_PROXY_HEADER``)."""
-        return self if header == self.header else TrustedProxies(self._networks, header=header)
+        if self.chosen and header == self.header:
+            return self
+        return TrustedProxies(self._networks, header=header)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrustedProxies) and other._key == self._key

@@ -176,6 +176,7 @@ class Flusher:
         self._dropped_total = 0
         self.batches_refused = 0
         self.journals_adopted = 0
+        self._left_to_adopt = False  # aclose left the journal behind for adoption
         self.stale_journals: set[str] = set()  # writers whose journal is too old to replay
         self.journal_error: str | None = None
         self._new_writer()
@@ -206,6 +207,17 @@ class Flusher:
         self._resend: list[tuple[int, int, bytes]] = []
         # Record ids: a random per-writer prefix and a counter (unique without a syscall each).
         self._record_ids = itertools.count(int.from_bytes(os.urandom(8), "big") << 64)
+
+    def _new_life(self) -> None:
+        """Everything the journal holds (batches, deltas, unique clients) is another worker's
+        to replay now: this process goes on as a new writer, with records not yet packed."""
+        self._new_writer()
+        self._pending.clear()
+        self._counters.clear()
+        self.meter.take()
+        self._uniques.clear()
+        self._uniques_fresh.clear()
+        self._uniques_bytes = 0
 
     def after_fork(self) -> None:
         """In a forked child: nothing of the parent's writer, task, loop or queue carries over.
@@ -258,6 +270,9 @@ class Flusher:
         if self._pid != os.getpid():
             self._new_writer()
             self._pending.clear()
+        if self._left_to_adopt:  # serving again after a shutdown that left its journal behind
+            self._left_to_adopt = False
+            self._new_life()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._redis = None  # a client is bound to the loop it was made in
@@ -756,6 +771,7 @@ class Flusher:
                     await self._apply_one(redis, shard, payload)
             except (RedisError, OSError):
                 orphan.abandon()
+                self._readopt = self._readopt or again  # the next round replays them again
                 raise
             except Exception:
                 orphan.abandon()
@@ -865,6 +881,8 @@ class Flusher:
         if not done:
             log.error("meterwall: shutdown left unflushed data (%s)", self.last_error)
         self.journal.close(clean=done)  # not done: another worker adopts what is left
+        # ... and this process must then forget it, should it go on serving (see start)
+        self._left_to_adopt = not done and isinstance(self.journal, FileJournal)
         if self._given_journal is None:
             self.journal = NullJournal()
         if self._redis is not None:

@@ -184,6 +184,8 @@ class FileJournal:
         self._lock_fd = os.open(making, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.replace(making, directory / f"{writer}.lock")
+        # A marker of an earlier life's replay must not make an adopter delete this one's
+        (directory / f"{writer}.replayed").unlink(missing_ok=True)
         self._segment = 0
         self._fd = -1
         self._opened_at = 0.0

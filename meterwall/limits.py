@@ -195,6 +195,7 @@ class _Tokens:
         "rate_left",
         "rate_return",
         "retry_s",
+        "settling",
         "version",
         "want",
     )  # fmt: skip
@@ -215,6 +216,7 @@ class _Tokens:
         self.blocked_until_ns = 0
         self.retry_s = 0
         self.pending: asyncio.Task[None] | None = None
+        self.settling = False  # ``pending`` gives every lease back: nothing may be spent now
         self.want = FIRST_LEASE
         self.last_call_ns = 0
         self.policy = b""  # the RateLimit-Policy header of this plan and month
@@ -285,6 +287,7 @@ class Limiter:
         loop = asyncio.get_running_loop()
         for consumer, tokens in list(self._tokens.items()):
             if tokens.pending is None and tokens.quota_lapsing(now):
+                tokens.settling = True  # from now on, requests wait for the settlement
                 tokens.pending = loop.create_task(self._give_back(tokens, consumer))
 
     async def _give_back(self, tokens: _Tokens, consumer: str) -> None:
@@ -293,7 +296,7 @@ class Limiter:
         except Exception as exc:  # Redis away: it reclaims the lease at its deadline
             log.debug("meterwall: could not settle a quiet consumer's lease: %s", exc)
         finally:
-            tokens.pending = None
+            tokens.pending, tokens.settling = None, False
 
     async def _settle_quiet_periodically(self) -> None:
         while self._tokens:
@@ -329,6 +332,11 @@ class Limiter:
         if plan.quota and now // 1_000_000_000 >= tokens.month_end_s:
             self._roll_month(tokens, consumer, now)
         while True:
+            if tokens.settling:  # its leases are being reported final: spending one now would
+                assert tokens.pending is not None  # hand a spent token back to Redis
+                await asyncio.shield(tokens.pending)
+                now = self._clock.now_ns()
+                continue
             if tokens.rate and now >= tokens.rate_deadline_ns:
                 tokens.rate_return += tokens.rate
                 tokens.rate = 0
@@ -528,11 +536,12 @@ class Limiter:
         At the first failure the rest are left to Redis, which reclaims leases at their
         deadline: one timeout per consumer would outlast a process manager's grace period.
         """
-        if self._settler is not None:
-            self._settler.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
-                await self._settler
-            self._settler = None
+        settler, self._settler = self._settler, None
+        if settler is not None and settler.get_loop() is asyncio.get_running_loop():
+            settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settler
+        # (a settler of another loop is that loop's: closed, or cancelled when it closes)
         held = list(self._tokens.items())
         for done, (consumer, tokens) in enumerate(held):
             if tokens.pending is not None:

@@ -393,10 +393,16 @@ class Redactor:
         return "&".join(parts)
 
     def _mask_parts(self, parts: list[str], step: int) -> None:
+        """Mask the pairs at every ``step``-th place (2: separators between). A part without
+        ``=`` after a masked value and a ``;`` may be the rest of that value (a secret holding a
+        ``;``): it goes with the value, separator and all."""
         secret_names = self._encoded_name_cache
+        masked = False
         for i in range(0, len(parts), step):
             name, eq, value = parts[i].partition("=")
             if not eq:
+                if masked and step == 2 and parts[i - 1] == ";":
+                    parts[i - 1] = parts[i] = ""
                 continue
             secret = secret_names.get(name)
             if secret is None:  # parameter names repeat: decode and classify each once
@@ -404,6 +410,7 @@ class Redactor:
                 if len(secret_names) >= _CACHE_LIMIT:
                     secret_names.clear()
                 secret_names[name] = secret
+            masked = secret
             if secret:
                 parts[i] = f"{name}={SECRET_MASK}"
             elif self._value_redactors:

@@ -175,7 +175,7 @@ class Settings:
     buffer_bytes: int = 16 * 1024 * 1024
     shards: int = 16
     trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
-    proxy_header: str = "x-forwarded-for"
+    proxy_header: str = ""  # empty: the trusted proxies' own choice, else X-Forwarded-For
     consumer_header: str | None = None
     redis_timeout: float = 2.0
     route_weights: dict[str, int] = field(default_factory=dict)
@@ -200,15 +200,27 @@ class Settings:
     redis_cluster: bool = False
 
     def __post_init__(self) -> None:
-        if self.proxy_header not in PROXY_HEADERS:
+        self._settle_proxy_header()
+        self._check()
+
+    def _settle_proxy_header(self) -> None:
+        """One header for the trusted proxies: MW_PROXY_HEADER, or the one a ``TrustedProxies``
+        given in code names, or X-Forwarded-For; two that disagree are refused."""
+        proxies, wanted = self.trusted_proxies, self.proxy_header
+        if wanted and wanted not in PROXY_HEADERS:
             raise ConfigurationError(
                 env_name("proxy_header"), f"must be one of {', '.join(PROXY_HEADERS)}"
             )
-        if isinstance(self.trusted_proxies, TrustedProxies):  # believed in that header only
-            object.__setattr__(
-                self, "trusted_proxies", self.trusted_proxies.reading(self.proxy_header)
+        if not isinstance(proxies, TrustedProxies):
+            return  # refused by _check, naming MW_TRUSTED_PROXIES
+        if not wanted:
+            wanted = proxies.header
+        elif proxies.chosen and proxies.header != wanted:
+            raise ConfigurationError(
+                env_name("proxy_header"),
+                f"is {wanted}, but the TrustedProxies given read {proxies.header}",
             )
-        self._check()
+        object.__setattr__(self, "trusted_proxies", proxies.reading(wanted))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -353,7 +365,8 @@ class Settings:
         if any(net.prefixlen == 0 for net in self.trusted_proxies.networks):
             notes.append(
                 "MW_TRUSTED_PROXIES holds a /0 network: every client may set its own address "
-                f"in {self.proxy_header} (records, restrictions and network rules believe it)"
+                f"in {self.trusted_proxies.header} (records, restrictions and network rules "
+                "believe it)"
             )
         return notes
 

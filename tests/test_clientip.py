@@ -212,6 +212,15 @@ def test_only_the_configured_header_is_believed() -> None:
     assert Settings.from_env(env).trusted_proxies.resolve("10.0.0.1", both) == "198.51.100.9"
     with pytest.raises(ConfigurationError, match="MW_PROXY_HEADER"):
         Settings.from_env({"MW_PROXY_HEADER": "x-real-ip", "MW_RECORDS": "off"})
+    # a TrustedProxies given in code keeps the header it names; a contradiction is refused
+    chosen = TrustedProxies(["10.0.0.0/8"], header="forwarded")
+    assert (
+        Settings(records="off", trusted_proxies=chosen).trusted_proxies.resolve("10.0.0.1", both)
+        == "198.51.100.9"
+    )
+    assert Settings(records="off", trusted_proxies=chosen).replace().trusted_proxies == chosen
+    with pytest.raises(ConfigurationError, match="MW_PROXY_HEADER"):
+        Settings(records="off", trusted_proxies=chosen, proxy_header="x-forwarded-for")
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,14 @@ from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
 
 
+async def requests_of(consumer: str, port: int, settings: Settings) -> int:
+    """The consumer's requests this month, read from the Redis on ``port``."""
+    async with aioredis.Redis(port=port) as direct:
+        month = datetime.now(UTC).strftime("%Y-%m")
+        rows = await UsageReader(direct, settings.keyspace()).totals(consumer, month, [])
+    return sum(r["requests"] for r in rows)
+
+
 def _files(directory: Path, pattern: str) -> list[Path]:
     return list(directory.rglob(pattern))
 
@@ -547,12 +555,10 @@ async def test_a_replayed_journal_is_replayed_again_when_redis_loses_the_replay(
                 break
         assert survivor.flusher.journals_adopted == 1  # counted once, replayed twice
         assert await survivor.aclose()
-        async with aioredis.Redis(port=port) as direct:
-            month = datetime.now(UTC).strftime("%Y-%m")
-            rows = await UsageReader(direct, own.keyspace()).totals("acme", month, [])
+        counted = await requests_of("acme", port, own)
     finally:
         server.stop()
-    assert sum(r["requests"] for r in rows) == 7
+    assert counted == 7
 
 
 def test_a_journal_lock_is_taken_before_it_has_its_name(tmp_path: Path) -> None:
@@ -572,3 +578,44 @@ def test_a_journal_lock_is_taken_before_it_has_its_name(tmp_path: Path) -> None:
         os.close(other)
     assert list(orphans(tmp_path / "journal", live="")) == []
     journal.close(clean=True)
+
+
+async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_writer(
+    settings,
+) -> None:
+    """meterwall.aclose() could not reach Redis, so its journal is left for adoption; the app
+    goes on serving. Another worker replays that journal; this one must forget what it holds
+    and journal as a new writer (the same name would get the old journal's replay marker, and
+    its leftovers the number of the adopter's last batch)."""
+    server = EmbeddedRedis().start()
+    port = server.port
+    try:
+        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
+                               flush_interval=60, redis_timeout=0.2)  # fmt: skip
+        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        mw = Meterwall(ok_app, settings=own)
+        for _ in range(2):
+            await mw(http_scope(headers=headers), body_receive(), _discard)
+        first_writer = mw.flusher.writer
+        server.stop()
+        assert not await mw.aclose(timeout=0.5)  # left for another worker
+        server = EmbeddedRedis(port=port).start()
+        survivor = Meterwall(ok_app, settings=own)
+        assert await survivor.flusher.flush_once()
+        assert survivor.flusher.journals_adopted == 1
+        for _ in range(3):  # the app goes on serving
+            await mw(http_scope(headers=headers), body_receive(), _discard)
+        assert mw.flusher.writer != first_writer
+        assert mw.flusher._task is not None
+        mw.flusher._task.cancel()
+        mw.flusher.journal.forget_after_fork()  # then it is killed
+        for marker in _files(Path(own.journal_dir), "*.replayed"):  # the window has passed
+            os.utime(marker, (time.time() - 20, time.time() - 20))
+        survivor.flusher._next_adoption = 0.0
+        assert await survivor.flusher.flush_once()
+        assert survivor.flusher.journals_adopted == 2
+        assert await survivor.aclose()
+        counted = await requests_of("acme", port, own)
+    finally:
+        server.stop()
+    assert counted == 5

@@ -420,19 +420,24 @@ async def test_shutdown_with_redis_gone_gives_up_handing_back_after_one_failure(
         server.stop()
 
 
-async def test_a_quota_is_not_overshot_when_a_live_worker_goes_quiet(redis, settings) -> None:
-    """Worker A leased 8 tokens and spent 1 (reported with its next lease call, which never
-    comes: the consumer's traffic moved to worker B). A settles the lease before it lapses;
-    left to lapse, Redis would reclaim it as if nothing was spent, and admit one too many."""
+def two_workers(redis: Any, settings: Settings, clock: FixedClock) -> tuple[Limiter, Limiter]:
+    """Two workers' limiters of a plan of 40 requests a month, on one clock."""
     own = limited(settings, "q: 40 requests/month", default_plan="q")
-    clock = FixedClock(T0)
 
     def worker() -> Limiter:
         limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan="q", clock=clock)
         limiter.bind(redis)
         return limiter
 
-    a, b = worker(), worker()
+    return worker(), worker()
+
+
+async def test_a_quota_is_not_overshot_when_a_live_worker_goes_quiet(redis, settings) -> None:
+    """Worker A leased 8 tokens and spent 1 (reported with its next lease call, which never
+    comes: the consumer's traffic moved to worker B). A settles the lease before it lapses;
+    left to lapse, Redis would reclaim it as if nothing was spent, and admit one too many."""
+    clock = FixedClock(T0)
+    a, b = two_workers(redis, settings, clock)
     admitted = not (await a.admit("acme", "", "/x")).reason
     assert a._tokens["acme"].quota_held(clock.now_ns()) == 7
     assert a._settler is not None  # settling quiet consumers every second from here on
@@ -450,3 +455,59 @@ async def test_a_quota_is_not_overshot_when_a_live_worker_goes_quiet(redis, sett
     await a.aclose()
     await b.aclose()
     assert a._settler is None
+
+
+async def test_a_request_during_a_settlement_waits_for_it(redis, settings) -> None:
+    """The settlement reports every lease final with what was spent when it was sent: a token
+    spent from one of them meanwhile would go back to Redis unspent (and be admitted twice)."""
+    clock = FixedClock(T0)
+    a, b = two_workers(redis, settings, clock)
+    admitted = not (await a.admit("acme", "", "/x")).reason
+    clock.advance(8.5)
+    await a.settle_quiet()
+    assert a._tokens["acme"].settling
+    admitted += not (await a.admit("acme", "", "/x")).reason  # while the settlement is sent
+    if a._tokens["acme"].pending is not None:
+        await a._tokens["acme"].pending
+    clock.advance(8.5)  # A's new lease (leased by that request) goes quiet too
+    await a.settle_quiet()
+    if a._tokens["acme"].pending is not None:
+        await a._tokens["acme"].pending
+    clock.advance(3)
+    for _ in range(80):
+        admitted += not (await b.admit("acme", "", "/x")).reason
+        if b._tokens["acme"].pending is not None:
+            await b._tokens["acme"].pending
+    await a.aclose()
+    await b.aclose()
+    assert admitted == 40
+
+
+def test_the_settler_of_a_closed_loop_does_not_break_a_later_aclose(settings) -> None:
+    """The flusher may be closed from another loop than the one that served; so may the
+    limiter, whose settler task belongs to the serving loop."""
+    import redis.asyncio as aioredis
+
+    own = limited(settings, "q: 40 requests/month", default_plan="q")
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan="q")
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        client = aioredis.Redis.from_url(own.redis_url)
+        limiter.bind(client)
+        assert not (await limiter.admit("acme", "", "/x")).reason
+        assert limiter._settler is not None
+        await client.aclose()
+
+    loop.run_until_complete(serve())
+    loop.close()  # the serving loop ends without cancelling its tasks
+
+    async def shutdown() -> None:
+        client = aioredis.Redis.from_url(own.redis_url)
+        limiter.bind(client)
+        await limiter.aclose()  # gives the lease back from this loop
+        await client.aclose()
+
+    asyncio.run(shutdown())
+    assert limiter._settler is None
+    assert limiter._tokens == {}

@@ -445,6 +445,9 @@ def test_semicolon_separated_pairs_are_masked_too(redactor: Redactor) -> None:
     out = redactor.body(_FORM, data, size=len(data), truncated=False)
     assert out["form"] == "user=ada;password=***&token=***;note=a"
     assert redactor.query(b"q=1;api_key=sk_live_1") == "q=1;api_key=***"
+    # a secret holding ';' was masked whole before ';' split pairs: it still is
+    assert redactor.query(b"api_key=AKIA;SECRETTAIL") == "api_key=***"
+    assert redactor.query(b"password=hunter2;x7Q&user=bob;page") == "password=***&user=bob;page"
 
 
 def test_truncated_form_is_digest(redactor: Redactor) -> None:
