@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -173,7 +174,7 @@ def admin_app(
     async def usage_top(request: Request) -> Response:
         period = request.query_params.get("period", "")
         limit = request.query_params.get("top", "10")
-        if not limit.isdigit() or not 1 <= int(limit) <= 10_000:
+        if not re.fullmatch(r"[0-9]{1,5}", limit) or not 1 <= int(limit) <= 10_000:
             return bad_parameter("top", "an integer from 1 to 10000")
         measure = request.query_params.get("measure", "requests")
         rows = await UsageReader(client(), keyspace).top(period, measure=measure, n=int(limit))
@@ -207,6 +208,9 @@ def admin_app(
             return bad_parameter("body", "not JSON")
         if not isinstance(body, dict) or set(body) - {"name", "tz", "allow", "deny"}:
             return bad_parameter("body", "an object with optional 'name', 'tz', 'allow', 'deny'")
+        for field in ("name", "tz"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                return bad_parameter(field, "a string")
         updated = await ConsumerRegistry(client(), keyspace).set(
             request.path_params["consumer"], name=body.get("name"), tz=body.get("tz"),
             allow=_strings(body, "allow") if "allow" in body else None,
@@ -228,9 +232,9 @@ def admin_app(
             return bad_parameter(
                 "body", f"an object with 'consumer' and optional {sorted(allowed)}"
             )
-        check_consumer_id(str(body["consumer"]), setting="consumer")
+        consumer = check_consumer_id(body["consumer"], setting="consumer")  # a string, too
         meta, full = await key_store().create(
-            body["consumer"], plan=str(body.get("plan", "")),
+            consumer, plan=str(body.get("plan", "")),
             scopes=tuple(_strings(body, "scopes")), cidrs=tuple(_strings(body, "cidrs")),
             expires=_integer(body, "expires"), env=str(body.get("env", "live")),
         )  # fmt: skip

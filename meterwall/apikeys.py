@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .consumers import check_consumer_id
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 from .pseudonyms import derive
@@ -100,6 +101,9 @@ class ApiKey:
         return shown
 
 
+_LONGEST_S = 20 * 365 * 86400  # the furthest a key's expiry may lie
+
+
 class KeyStore:
     """API keys in Redis (``<prefix>:key:<id>``); for the CLI, the admin API and the middleware."""
 
@@ -125,6 +129,10 @@ class KeyStore:
         cidrs: tuple[str, ...] = (), expires: int = 0, env: str = "live",
     ) -> tuple[ApiKey, str]:  # fmt: skip
         """A new key: its metadata and the full key, which is never stored or shown again."""
+        check_consumer_id(consumer, setting="consumer")  # it names keys and ledger fields
+        now = int(time.time())
+        if not 0 <= expires <= now + _LONGEST_S:  # (one already past makes a revoked-like key)
+            raise ConfigurationError("expires", "a unix time at most 20 years ahead, or 0")
         for cidr in cidrs:
             try:
                 ip_network(cidr, strict=True)
@@ -134,7 +142,7 @@ class KeyStore:
             raise ConfigurationError("--env", "use live or test")
         key_id, full = new_key(env)
         meta = ApiKey(key_id, consumer, self.digest(full), plan, tuple(scopes), tuple(cidrs),
-                      expires, int(time.time()), env=env)  # fmt: skip
+                      expires, now, env=env)  # fmt: skip
         await self._save(meta)
         return meta, full
 

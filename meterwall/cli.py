@@ -10,6 +10,7 @@ import base64
 import contextlib
 import csv
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -63,7 +64,8 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--keep-running", is_flag=True, help="Leave the API and Redis up afterwards.")
-@click.option("--requests", "count", default=300, show_default=True, help="Requests to send.")
+@click.option("--requests", "count", default=300, show_default=True,
+              type=click.IntRange(1, 1_000_000), help="Requests to send.")  # fmt: skip
 def demo(keep_running: bool, count: int) -> None:
     """Run a sample API with meterwall on an embedded Redis and show what is stored."""
     from .demo import run_demo
@@ -274,7 +276,8 @@ def _consumer_row(consumer: Consumer) -> dict[str, Any]:
 )
 @click.option("--granularity", type=click.Choice(["period", "day"]), default="period",
               show_default=True, help="day: one row per local day of the period.")  # fmt: skip
-@click.option("--top", "top", type=int, help="Rank the N consumers with the most requests.")
+@click.option("--top", "top", type=click.IntRange(1, 10_000),
+              help="Rank the N consumers with the most requests.")  # fmt: skip
 @click.option("--tz", help="Another zone than the consumer's billing zone (from UTC buckets).")
 @FORMAT
 @run_async
@@ -419,7 +422,8 @@ async def export_status(period: str | None, fmt: str) -> None:
 @cli.group(invoke_without_command=True)
 @click.pass_context
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8477, show_default=True, help="Port to listen on.")
+@click.option("--port", default=8477, show_default=True, type=click.IntRange(1, 65535),
+              help="Port to listen on.")  # fmt: skip
 def admin(ctx: click.Context, host: str, port: int) -> None:
     """Serve the admin HTTP API (JSON; OpenAPI at /openapi.json)."""
     if ctx.invoked_subcommand is not None:
@@ -429,11 +433,19 @@ def admin(ctx: click.Context, host: str, port: int) -> None:
     from .admin import admin_app
 
     key = private_key_from(None) if os.environ.get("MW_RECORD_PRIVATE_KEY_FILE") else None
+    app = admin_app(reader_settings(), private_key=key)
+    # Bound here, so a port in use is one line (OSError), not uvicorn's log and exit code 3.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     click.echo(f"meterwall admin API on http://{host}:{port} (OpenAPI: /openapi.json)", err=True)
     if key is None:
         click.echo("security routes off: MW_RECORD_PRIVATE_KEY_FILE is not set", err=True)
-    app = admin_app(reader_settings(), private_key=key)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
 
 
 @admin.group()

@@ -142,9 +142,11 @@ class TrustedProxies:
 
     def reading(self, header: str) -> TrustedProxies:
         """The same proxies, believed in ``header`` (``MW_PROXY_HEADER``)."""
-        if self.chosen and header == self.header:
+        if header == self.header:
             return self
-        return TrustedProxies(self._networks, header=header)
+        copy = TrustedProxies(self._networks, header=header)
+        copy.chosen = self.chosen  # still the Settings' choice to make, if it was
+        return copy
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrustedProxies) and other._key == self._key

@@ -22,7 +22,9 @@ import orjson
 from .errors import ConfigurationError
 from .keyspace import Keyspace
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
+# Identity providers' subjects fit too (``auth0|5f7c...``, ``google-oauth2|1234``): the JWT
+# plugin takes consumers from them, and every consumer must be one these commands can name.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:|+-]{0,127}$")
 
 
 def zone(name: str, *, setting: str = "tz") -> ZoneInfo:
@@ -33,10 +35,10 @@ def zone(name: str, *, setting: str = "tz") -> ZoneInfo:
         raise ConfigurationError(setting, f"unknown time zone {name!r}") from None
 
 
-def check_consumer_id(consumer: str, *, setting: str = "consumer") -> str:
-    if not _ID.match(consumer):
+def check_consumer_id(consumer: object, *, setting: str = "consumer") -> str:
+    if not isinstance(consumer, str) or not _ID.fullmatch(consumer):
         raise ConfigurationError(
-            setting, "use 1-128 of A-Z a-z 0-9 _ . @ : - starting with a letter or digit"
+            setting, "use 1-128 of A-Z a-z 0-9 _ . @ : | + - starting with a letter or digit"
         )
     return consumer
 

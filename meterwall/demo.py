@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import random
 import socket
@@ -98,6 +99,8 @@ async def run_demo(out: Console, *, keep_running: bool = False, count: int = 300
     started = time.monotonic()
     server = EmbeddedRedis()
     await asyncio.to_thread(server.start)
+    api: uvicorn.Server | None = None
+    serving: asyncio.Task[None] | None = None
     try:
         out.print(
             f"[bold]meterwall demo[/]  Redis: {server.url} ({os.path.basename(server.binary)})"
@@ -117,7 +120,12 @@ async def run_demo(out: Console, *, keep_running: bool = False, count: int = 300
         serving = asyncio.create_task(api.serve(sockets=[listener]))
         base = f"http://127.0.0.1:{port}"
         out.print(f"sample API with meterwall mounted: {base}")
-        await _traffic(base, count)
+        try:
+            await _traffic(base, count)
+        except Exception as exc:  # httpx's errors are neither OSError nor one line
+            if api.should_exit:  # uvicorn took a Ctrl-C for itself and is stopping
+                raise KeyboardInterrupt from None
+            raise OSError(f"the sample API stopped answering: {exc!r}") from None
         out.print(
             f"sent {count} requests from {len(CONSUMERS)} consumers "
             f"and {len(CLIENT_IPS)} client IPs"
@@ -133,7 +141,16 @@ async def run_demo(out: Console, *, keep_running: bool = False, count: int = 300
             await serving
         else:
             out.print(f"done in {time.monotonic() - started:.1f} s; everything started is stopped")
-    finally:
+    finally:  # whatever failed or was interrupted: the API first, then Redis
+        if serving is not None and not serving.done():
+            assert api is not None
+            api.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(serving), 5)
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(BaseException):
+                    await serving
         await asyncio.to_thread(server.stop)
 
 

@@ -176,7 +176,6 @@ class Flusher:
         self._dropped_total = 0
         self.batches_refused = 0
         self.journals_adopted = 0
-        self._left_to_adopt = False  # aclose left the journal behind for adoption
         self.stale_journals: set[str] = set()  # writers whose journal is too old to replay
         self.journal_error: str | None = None
         self._new_writer()
@@ -270,9 +269,6 @@ class Flusher:
         if self._pid != os.getpid():
             self._new_writer()
             self._pending.clear()
-        if self._left_to_adopt:  # serving again after a shutdown that left its journal behind
-            self._left_to_adopt = False
-            self._new_life()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._redis = None  # a client is bound to the loop it was made in
@@ -880,11 +876,12 @@ class Flusher:
         done = await self.flush(timeout)
         if not done:
             log.error("meterwall: shutdown left unflushed data (%s)", self.last_error)
-        self.journal.close(clean=done)  # not done: another worker adopts what is left
-        # ... and this process must then forget it, should it go on serving (see start)
-        self._left_to_adopt = not done and isinstance(self.journal, FileJournal)
+        left_behind = not done and isinstance(self.journal, FileJournal)
+        self.journal.close(clean=done)  # not done: another worker adopts what is left...
         if self._given_journal is None:
             self.journal = NullJournal()
+        if left_behind:  # ... and this process forgets it, should it go on serving
+            self._new_life()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

@@ -455,7 +455,7 @@ def orphans(directory: Path, live: str, *, again: bool = False) -> Iterator[Orph
     """
     if not directory.is_dir():
         return
-    for lock in sorted(directory.glob("*.lock"), key=lambda p: p.stat().st_mtime):
+    for lock in sorted(directory.glob("*.lock"), key=_mtime):
         writer = lock.name[: -len(".lock")]
         if writer == live:
             continue
@@ -465,11 +465,16 @@ def orphans(directory: Path, live: str, *, again: bool = False) -> Iterator[Orph
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # its writer is alive
+            # The file may have been replaced meanwhile (a clean close unlinked it and its
+            # writer, alive, made a new one): only a lock on the current file counts.
+            stale = os.fstat(fd).st_ino != lock.stat().st_ino
+        except (BlockingIOError, FileNotFoundError):
+            stale = True  # its writer is alive, or another adopter released it just now
+        if stale:
+            os.close(fd)
             continue
         orphan = Orphan(directory, writer, fd)
-        if time.time() - lock.stat().st_mtime > MAX_AGE_S and not orphan.segments():
+        if time.time() - os.fstat(fd).st_mtime > MAX_AGE_S and not orphan.segments():
             orphan.release()
             continue
         replayed_ago = orphan.replayed_ago()
@@ -480,6 +485,13 @@ def orphans(directory: Path, live: str, *, again: bool = False) -> Iterator[Orph
                 orphan.abandon()
             continue
         yield orphan
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # released by another adopter meanwhile
+        return 0.0
 
 
 def _add_uniques(

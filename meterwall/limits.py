@@ -302,7 +302,8 @@ class Limiter:
         while self._tokens:
             await asyncio.sleep(SETTLE_EVERY_S)
             await self.settle_quiet()
-        self._settler = None
+        if self._settler is asyncio.current_task():
+            self._settler = None
 
     def plan_of(self, name: str) -> Plan | None:
         plan = self._plans.get(name or self._default)
@@ -331,6 +332,9 @@ class Limiter:
         now = self._clock.now_ns()
         if plan.quota and now // 1_000_000_000 >= tokens.month_end_s:
             self._roll_month(tokens, consumer, now)
+        pending = tokens.pending
+        if pending is not None and pending.get_loop() is not asyncio.get_running_loop():
+            tokens.pending, tokens.settling = None, False  # that loop is gone or another's
         while True:
             if tokens.settling:  # its leases are being reported final: spending one now would
                 assert tokens.pending is not None  # hand a spent token back to Redis

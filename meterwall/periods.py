@@ -46,6 +46,18 @@ def period_days(period: str) -> list[str]:
         raise ConfigurationError("period", problem) from None
 
 
+def check_month(period: str, *, setting: str = "period") -> str:
+    """``period`` if it is a month (YYYY-MM), else ``ConfigurationError`` naming ``setting``
+    (it ends up in key names and SCAN patterns: nothing else may pass)."""
+    try:
+        valid = len(period) == 7 and len(period_days(period)) >= 28
+    except ConfigurationError:
+        valid = False
+    if not valid:
+        raise ConfigurationError(setting, f"expected a month (YYYY-MM), got {period!r}")
+    return period
+
+
 def period_end(period: str, zone_name: str) -> int:
     """Unix time of the first instant after the month ``period`` in a zone."""
     first = date.fromisoformat(period_days(period)[0])
@@ -67,8 +79,7 @@ async def close_period(
     redis: Any, keyspace: Keyspace, period: str, *, grace_s: int = 7200, now_s: int | None = None
 ) -> CloseReport:
     """Close ``period`` ('YYYY-MM') for every consumer whose grace period has passed."""
-    if len(period) != 7:
-        raise ConfigurationError("period", f"closing needs a month (YYYY-MM), got {period!r}")
+    check_month(period)
     now_s = int(time.time()) if now_s is None else now_s
     registry = await ConsumerRegistry(redis, keyspace).all()
     report = CloseReport(period)
@@ -114,6 +125,7 @@ async def snapshot(
 
 async def adjustments(redis: Any, keyspace: Keyspace, period: str) -> dict[str, dict[str, int]]:
     """Per consumer, the deltas that arrived for ``period`` after it was closed."""
+    check_month(period)
     out: dict[str, dict[str, int]] = {}
     async for raw_key in redis.scan_iter(match=f"{keyspace.prefix}:{{s*}}:adj:*:{period}"):
         consumer = raw_key.decode().split(":adj:", 1)[1].rsplit(":", 1)[0]

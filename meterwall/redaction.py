@@ -111,13 +111,14 @@ def _without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, path = rest.partition("/")
+    end = min((i for i in (rest.find("/"), rest.find("#")) if i >= 0), default=len(rest))
+    authority, after = rest[:end], rest[end:]
     userinfo, at, host = authority.rpartition("@")
     if not at:
         return url
     user, colon, _ = userinfo.partition(":")
     masked = f"{user}:{SECRET_MASK}" if colon else SECRET_MASK
-    return f"{scheme}://{masked}@{host}{slash}{path}"
+    return f"{scheme}://{masked}@{host}{after}"
 
 
 def _host(token: str) -> str:
@@ -399,6 +400,8 @@ class Redactor:
         secret_names = self._encoded_name_cache
         masked = False
         for i in range(0, len(parts), step):
+            if i and parts[i - 1] == "&":
+                masked = False  # only ';' can join a secret's tail to it
             name, eq, value = parts[i].partition("=")
             if not eq:
                 if masked and step == 2 and parts[i - 1] == ";":

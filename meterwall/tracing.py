@@ -193,13 +193,13 @@ class Tracer:
         query.check()
         window = self._clock.now_ns() - self._retention_ns
         since = window if query.since_ns is None else query.since_ns
-        # (no record lies further ahead than a writer's clock may run: a far --to is cut there)
         until = self._clock.now_ns() if query.until_ns is None else query.until_ns
-        until = min(until, self._clock.now_ns() + AHEAD_NS)
         if since < window:
             raise RetentionExceeded("records older than the retention window are gone")
         if until < since:
             raise ConfigurationError("until", "is before since")
+        # no record lies further ahead than a writer's clock may run: a far --to is cut there
+        until = max(since, min(until, self._clock.now_ns() + AHEAD_NS))
         found = Trace(self._describe(query, since, until), since, until)
         found.hits = await self._locate(query, since, until, found)
         return found

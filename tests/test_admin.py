@@ -80,6 +80,9 @@ async def test_billing_reads_the_same_numbers_as_python(api, redis, settings) ->
         ("/usage/acme", {"from": "2026-11-01"}, "from"),
         ("/usage/acme", {"from": "2026-11-05", "to": "2026-11-01"}, "--to"),
         ("/usage", {"period": "2026-11", "top": "lots"}, "top"),
+        ("/usage", {"period": "2026-11", "top": "\u00b2"}, "top"),  # a digit to str.isdigit
+        ("/usage/adjustments", {"period": "*"}, "period"),  # it became a SCAN pattern
+        ("/usage/adjustments", {"period": "2026-99"}, "period"),
     ],
 )
 async def test_bad_parameters_get_a_problem_naming_them(
@@ -181,3 +184,20 @@ async def test_the_admin_api_uses_the_deployments_shard_count(redis, settings) -
         )
     assert reply.status_code == 200
     assert sum(r["requests"] for r in reply.json()["rows"]) == 3
+
+
+async def test_bodies_of_the_wrong_types_are_refused_not_stored(api, redis, settings) -> None:
+    """A number for a consumer was stored and then stopped every flush of the worker that
+    met it (its key names ledger fields); a number for a zone answered 500."""
+    headers = await bearer(redis, settings, "admin")
+    for body in ({"consumer": 123}, {"consumer": ["acme"]}, {"consumer": "acme", "expires": -1},
+                 {"consumer": "acme", "expires": 2**62}):  # fmt: skip
+        reply = await api.post("/keys", json=body, headers=headers)
+        assert reply.status_code == 400, body
+        assert reply.headers["content-type"] == "application/problem+json"
+    assert await redis.keys(f"{settings.key_prefix}:key:*") == []
+    for body in ({"tz": 123}, {"name": ["x"]}):
+        reply = await api.put("/consumers/acme", json=body, headers=headers)
+        assert reply.status_code == 400, body
+    created = await api.post("/keys", json={"consumer": "auth0|5f7c8e"}, headers=headers)
+    assert created.status_code == 201  # an identity provider's subject is a consumer id

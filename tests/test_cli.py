@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from meterwall import Meterwall, Settings
 from tests.test_flusher import ok_app
@@ -63,6 +67,43 @@ def test_errors_are_one_line_without_a_traceback() -> None:
     unknown = meterwall("frobnicate")
     assert unknown.returncode == 2
     assert unknown.stderr.count("\n") == 1
+    for args in (
+        ("admin", "--port", "99999"),
+        ("usage", "--top", "0", "--period", "2026-11"),
+        ("demo", "--requests", "-5"),
+        ("usage", "adjustments", "--period", "*"),
+    ):
+        refused = meterwall(*args, env={"MW_RECORDS": "off"})
+        assert refused.returncode == 2, args
+        assert refused.stderr.count("\n") == 1, (args, refused.stderr)
+    with socket.socket() as taken:  # a port in use: one line, not uvicorn's log
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = meterwall("admin", "--host", "127.0.0.1", "--port", port, env={"MW_RECORDS": "off"})
+    assert busy.returncode == 2
+    assert busy.stderr.startswith("meterwall: error: cannot listen on 127.0.0.1:")
+    assert busy.stderr.count("\n") == 1
+
+
+async def test_a_demo_whose_traffic_fails_stops_its_api_and_redis(monkeypatch) -> None:
+    from rich.console import Console
+
+    from meterwall import demo as demo_module
+
+    seen: list[str] = []
+
+    async def failing(base: str, count: int) -> None:
+        seen.append(base)
+        raise RuntimeError("the network went away")
+
+    monkeypatch.setattr(demo_module, "_traffic", failing)
+    with pytest.raises(OSError, match="stopped answering"):
+        await demo_module.run_demo(Console(file=io.StringIO()), count=10)
+    [base] = seen
+    port = int(base.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass  # nobody listens any more
 
 
 def test_demo_runs_end_to_end_and_proves_its_privacy_claims() -> None:

@@ -221,6 +221,16 @@ def test_only_the_configured_header_is_believed() -> None:
     assert Settings(records="off", trusted_proxies=chosen).replace().trusted_proxies == chosen
     with pytest.raises(ConfigurationError, match="MW_PROXY_HEADER"):
         Settings(records="off", trusted_proxies=chosen, proxy_header="x-forwarded-for")
+    # settings derived from settings may choose again: only a header given in code is binding
+    plain = Settings.from_env({"MW_RECORDS": "off", "MW_TRUSTED_PROXIES": "10.0.0.0/8"})
+    assert plain.replace(proxy_header="forwarded").trusted_proxies.header == "forwarded"
+    assert (
+        Settings.from_env(
+            {"MW_RECORDS": "off", "MW_PROXY_HEADER": "forwarded"},
+            trusted_proxies=plain.trusted_proxies,
+        ).trusted_proxies.header
+        == "forwarded"
+    )
 
 
 @pytest.mark.parametrize(

@@ -605,6 +605,8 @@ async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_wr
         first_writer = mw.flusher.writer
         server.stop()
         assert not await mw.aclose(timeout=0.5)  # left for another worker
+        assert mw.flusher.writer != first_writer  # from now on, a new writer
+        assert await mw.aclose(timeout=0.5)  # a second shutdown hook: nothing of its own left
         server = EmbeddedRedis(port=port).start()
         survivor = Meterwall(ok_app, settings=own)
         assert await survivor.flusher.flush_once()

@@ -511,3 +511,44 @@ def test_the_settler_of_a_closed_loop_does_not_break_a_later_aclose(settings) ->
     asyncio.run(shutdown())
     assert limiter._settler is None
     assert limiter._tokens == {}
+
+
+def test_a_settlement_left_in_flight_by_a_closed_loop_does_not_block_the_consumer(
+    settings,
+) -> None:
+    """A loop closed while its settlement waited for Redis: the next loop's requests for that
+    consumer must not wait on (or fail at) a task of the dead loop."""
+    import redis.asyncio as aioredis
+
+    from tests.faults import FaultProxy, Faults
+
+    own = limited(settings, "q: 40 requests/month", default_plan="q")
+    clock = FixedClock(T0)
+    limiter = Limiter(own.keyspace(), parse_plans(own.plans), default_plan="q", clock=clock)
+    port = int(own.redis_url.rsplit(":", 1)[1].split("/")[0])
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        faults = Faults()
+        async with FaultProxy(port, faults) as proxy:
+            client = aioredis.Redis(port=proxy.port, socket_timeout=30)
+            limiter.bind(client)
+            assert not (await limiter.admit("acme", "", "/x")).reason
+            clock.advance(8.5)
+            faults.mute_replies = True  # the settlement reaches Redis; its answer never comes
+            await limiter.settle_quiet()
+            await asyncio.sleep(0.05)
+            assert limiter._tokens["acme"].settling
+
+    loop.run_until_complete(serve())
+    loop.close()  # with the settlement still in flight
+
+    async def serve_again() -> None:
+        client = aioredis.Redis.from_url(own.redis_url)
+        limiter.bind(client)
+        verdict = await asyncio.wait_for(limiter.admit("acme", "", "/x"), 10)
+        assert not verdict.reason
+        await limiter.aclose()
+        await client.aclose()
+
+    asyncio.run(serve_again())

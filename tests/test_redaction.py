@@ -148,6 +148,7 @@ def test_a_password_in_a_url_header_is_masked(redactor: Redactor) -> None:
     out = header(redactor, "referer", "https://ghp_tok3n@github.example/org")
     assert out == f"https://{SECRET_MASK}@github.example/org"
     assert header(redactor, "referer", "https://a.example/@ada") == "https://a.example/@ada"
+    assert header(redactor, "referer", "https://a.example#team@x") == "https://a.example#team@x"
 
 
 @pytest.mark.parametrize("name", ["x-original-uri", "x-original-url", "x-forwarded-uri"])
@@ -448,6 +449,8 @@ def test_semicolon_separated_pairs_are_masked_too(redactor: Redactor) -> None:
     # a secret holding ';' was masked whole before ';' split pairs: it still is
     assert redactor.query(b"api_key=AKIA;SECRETTAIL") == "api_key=***"
     assert redactor.query(b"password=hunter2;x7Q&user=bob;page") == "password=***&user=bob;page"
+    # only ';' joins a tail: after '&' a bare name is its own, and so is what follows it
+    assert redactor.query(b"password=x&debug;verbose") == "password=***&debug;verbose"
 
 
 def test_truncated_form_is_digest(redactor: Redactor) -> None:

@@ -292,3 +292,16 @@ async def test_a_far_end_of_the_range_is_cut_where_no_record_can_lie(
     query = TraceQuery(ip="203.0.113.7", until_ns=253402214400 * NS)  # 9999-12-31
     found = await asyncio.wait_for(tracer.trace(query), 10)
     assert [r["client"]["ip"] for r in found.records] == ["203.0.113.7"]
+
+
+async def test_a_window_entirely_further_ahead_than_any_record_is_empty(
+    redis, settings, private_key
+) -> None:
+    tracer = await one_record_from("203.0.113.7", redis, settings, private_key)
+    now = time.time_ns()
+    found = await tracer.trace(TraceQuery(ip="203.0.113.7", since_ns=now - 3600 * NS))
+    assert len(found.records) == 1
+    ahead = TraceQuery(
+        ip="203.0.113.7", since_ns=now + 3 * 86400 * NS, until_ns=now + 4 * 86400 * NS
+    )
+    assert (await tracer.trace(ahead)).records == []

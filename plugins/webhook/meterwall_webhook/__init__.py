@@ -53,8 +53,8 @@ from meterwall.errors import ConfigurationError, MeterwallError
 from meterwall.keyspace import Keyspace
 from meterwall.periods import (
     SNAPSHOT_RETENTION,
+    check_month,
     consumers_with_usage,
-    period_days,
     period_end,
     snapshot,
 )
@@ -555,9 +555,7 @@ async def delivery_status(
 
 
 def _check_month(period: str) -> None:
-    period_days(period)
-    if len(period) != 7:
-        raise ConfigurationError("--period", f"exports are per month (YYYY-MM), got {period!r}")
+    check_month(period, setting="--period")
 
 
 # --- the plugin factory --------------------------------------------------------------------------

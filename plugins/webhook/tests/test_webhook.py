@@ -422,7 +422,7 @@ def test_the_export_command_takes_its_secret_from_the_environment_only(settings)
     day = meterwall("export", "--url", url, "--period", "2026-10-01", env={**env,
                     "MW_WEBHOOK_SECRET": SECRET})  # fmt: skip
     assert day.returncode == 2
-    assert "--period: exports are per month" in day.stderr
+    assert "--period: expected a month (YYYY-MM)" in day.stderr
     plain = meterwall("export", "--url", "http://billing.example.com/", "--period", "2026-10",
                       env={**env, "MW_WEBHOOK_SECRET": SECRET})  # fmt: skip
     assert plain.returncode == 2
