@@ -128,6 +128,10 @@ def admin_app(
                 return problem(403, "Forbidden", f"this route needs the {role} role")
             request.state.actor = "token:" + str(entry.get("name", ""))
             try:
+                for named in (request.path_params.get("consumer"),
+                              request.query_params.get("consumer")):  # fmt: skip
+                    if named is not None:  # it names keys and SCAN patterns: the usual form
+                        check_consumer_id(named)
                 await as_deployed()
                 return await handler(request)
             except RetentionExceeded as exc:
@@ -323,7 +327,15 @@ def admin_app(
             await state["redis"].aclose()
             state["redis"] = None
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def not_routed(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        title = "Method Not Allowed" if status == 405 else "Not Found"
+        answer = problem(status, title, f"{request.method} {request.url.path}: no such route")
+        answer.headers.update(getattr(exc, "headers", None) or {})  # Allow, for a 405
+        return answer
+
+    handlers = {404: not_routed, 405: not_routed}  # problem+json, as every other answer
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
 async def _json_body(request: Request) -> Any:

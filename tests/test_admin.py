@@ -201,3 +201,17 @@ async def test_bodies_of_the_wrong_types_are_refused_not_stored(api, redis, sett
         assert reply.status_code == 400, body
     created = await api.post("/keys", json={"consumer": "auth0|5f7c8e"}, headers=headers)
     assert created.status_code == 201  # an identity provider's subject is a consumer id
+
+
+async def test_every_answer_is_a_problem_document_also_for_no_route(api, redis, settings) -> None:
+    headers = await bearer(redis, settings, "billing")
+    for method, path in (("GET", "/nowhere"), ("DELETE", "/usage/acme")):
+        reply = await api.request(method, path, headers=headers)
+        assert reply.status_code in (404, 405), path
+        assert reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["status"] == reply.status_code
+    assert "GET" in (await api.delete("/usage/acme", headers=headers)).headers["allow"]
+    for consumer in ("\u2603", "acme%00", "a*"):  # not consumer ids: refused before any read
+        reply = await api.get(f"/usage/{consumer}", params={"period": "2026-11"}, headers=headers)
+        assert reply.status_code == 400
+        assert reply.json()["invalid_params"][0]["name"] == "consumer"
