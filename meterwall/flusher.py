@@ -176,6 +176,7 @@ class Flusher:
         self._dropped_total = 0
         self.batches_refused = 0
         self.journals_adopted = 0
+        self._in_aclose = False
         self.stale_journals: set[str] = set()  # writers whose journal is too old to replay
         self.journal_error: str | None = None
         self._new_writer()
@@ -265,7 +266,13 @@ class Flusher:
                 self._wake.set()
 
     def start(self) -> None:
-        """Start the background task in the running loop (again after a fork or a new loop)."""
+        """Start the background task in the running loop (again after a fork or a new loop).
+
+        Not while ``aclose`` runs: a request then only queues (its delta is journaled), and the
+        next one after ``aclose`` starts the task with the journal of the writer it then is.
+        """
+        if self._in_aclose:
+            return
         if self._pid != os.getpid():
             self._new_writer()
             self._pending.clear()
@@ -862,6 +869,13 @@ class Flusher:
 
     async def aclose(self, timeout: float = 5.0) -> bool:
         """Stop the task (without cancelling a command in flight), flush, close the client."""
+        self._in_aclose = True  # a request meanwhile must not start the task again (start)
+        try:
+            return await self._aclose(timeout)
+        finally:
+            self._in_aclose = False
+
+    async def _aclose(self, timeout: float) -> bool:
         self._closing = True
         self._wake.set()
         task, self._task = self._task, None

@@ -334,7 +334,11 @@ class Limiter:
             self._roll_month(tokens, consumer, now)
         pending = tokens.pending
         if pending is not None and pending.get_loop() is not asyncio.get_running_loop():
-            tokens.pending, tokens.settling = None, False  # that loop is gone or another's
+            # That loop is gone (or another's). A settlement it had in flight may have reached
+            # Redis, which then took the leases back: what they held is not ours to spend.
+            if tokens.settling:
+                tokens.leases, tokens.rate, tokens.rate_return = [], 0, 0
+            tokens.pending, tokens.settling = None, False
         while True:
             if tokens.settling:  # its leases are being reported final: spending one now would
                 assert tokens.pending is not None  # hand a spent token back to Redis

@@ -627,3 +627,39 @@ async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_wr
     finally:
         server.stop()
     assert counted == 5
+
+
+async def test_a_request_during_a_shutdown_that_leaves_its_journal_is_journaled_again(
+    settings,
+) -> None:
+    """A late request restarts the flusher while aclose() is still trying to reach Redis: once
+    aclose() hands its journal over, the worker serving on must journal as the new writer (it
+    ran with no journal, unreported, and a kill then lost counts)."""
+    server = EmbeddedRedis().start()
+    port = server.port
+    try:
+        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
+                               flush_interval=60, redis_timeout=0.2)  # fmt: skip
+        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        mw = Meterwall(ok_app, settings=own)
+        await mw(http_scope(headers=headers), body_receive(), _discard)
+        server.stop()
+        closing = asyncio.create_task(mw.aclose(timeout=0.5))
+        await asyncio.sleep(0)  # aclose() is under way
+        await mw(http_scope(headers=headers), body_receive(), _discard)  # a late request
+        assert not await closing
+        for _ in range(3):
+            await mw(http_scope(headers=headers), body_receive(), _discard)
+        assert isinstance(mw.flusher.journal, FileJournal)
+        assert mw.flusher.journal.writer == mw.flusher.writer
+        server = EmbeddedRedis(port=port).start()
+        assert mw.flusher._task is not None
+        mw.flusher._task.cancel()
+        mw.flusher.journal.forget_after_fork()  # killed
+        survivor = Meterwall(ok_app, settings=own)
+        assert await survivor.flusher.flush_once()
+        assert await survivor.aclose()
+        counted = await requests_of("acme", port, own)
+    finally:
+        server.stop()
+    assert counted == 5
