@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
@@ -26,6 +27,19 @@ from meterwall.usage import UsageReader
 from tests.helpers import serve, stop
 from tests.test_flusher import ok_app
 from tests.test_middleware import _discard, body_receive, http_scope
+
+ACME = [(b"host", b"api.test"), (b"x-consumer", b"acme")]  # a request of consumer acme
+
+
+def on_server(settings: Settings, server: EmbeddedRedis, **more: Any) -> Settings:
+    """Counts only, by consumer header, flushed when asked, on a Redis of the test's own."""
+    return settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
+                            flush_interval=60, **more)  # fmt: skip
+
+
+async def acme_requests(app: Meterwall, count: int) -> None:
+    for _ in range(count):
+        await app(http_scope(headers=ACME), body_receive(), _discard)
 
 
 async def requests_of(consumer: str, port: int, settings: Settings) -> int:
@@ -538,23 +552,20 @@ async def test_a_replayed_journal_is_replayed_again_when_redis_loses_the_replay(
     server = EmbeddedRedis().start()
     port = server.port
     try:
-        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
-                               counter_flush_interval=0, flush_interval=60)  # fmt: skip
-        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        own = on_server(settings, server, counter_flush_interval=0)
         dead = Meterwall(ok_app, settings=own)
-        for _ in range(5):  # journaled, never flushed
-            await dead(http_scope(headers=headers), body_receive(), _discard)
+        await acme_requests(dead, 5)  # journaled, never flushed
         assert dead.flusher._task is not None
         dead.flusher._task.cancel()
         dead.flusher.journal.forget_after_fork()  # killed
 
         survivor = Meterwall(ok_app, settings=own)
-        await survivor(http_scope(headers=headers), body_receive(), _discard)
+        await survivor(http_scope(headers=ACME), body_receive(), _discard)
         assert await survivor.flusher.flush_once()
         assert survivor.flusher.journals_adopted == 1
         await asyncio.to_thread(server.kill)  # loses the replay and the survivor's batch
         server = await asyncio.to_thread(EmbeddedRedis(port=port).start)
-        await survivor(http_scope(headers=headers), body_receive(), _discard)
+        await survivor(http_scope(headers=ACME), body_receive(), _discard)
         for _ in range(5):
             survivor.flusher._retry_at = 0.0
             if await survivor.flusher.flush_once():
@@ -596,12 +607,9 @@ async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_wr
     server = EmbeddedRedis().start()
     port = server.port
     try:
-        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
-                               flush_interval=60, redis_timeout=0.2)  # fmt: skip
-        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        own = on_server(settings, server, redis_timeout=0.2)
         mw = Meterwall(ok_app, settings=own)
-        for _ in range(2):
-            await mw(http_scope(headers=headers), body_receive(), _discard)
+        await acme_requests(mw, 2)
         first_writer = mw.flusher.writer
         server.stop()
         assert not await mw.aclose(timeout=0.5)  # left for another worker
@@ -612,7 +620,7 @@ async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_wr
         assert await survivor.flusher.flush_once()
         assert survivor.flusher.journals_adopted == 1
         for _ in range(3):  # the app goes on serving
-            await mw(http_scope(headers=headers), body_receive(), _discard)
+            await mw(http_scope(headers=ACME), body_receive(), _discard)
         assert mw.flusher.writer != first_writer
         assert mw.flusher._task is not None
         mw.flusher._task.cancel()
@@ -638,18 +646,16 @@ async def test_a_request_during_a_shutdown_that_leaves_its_journal_is_journaled_
     server = EmbeddedRedis().start()
     port = server.port
     try:
-        own = settings.replace(redis_url=server.url, records="off", consumer_header="X-Consumer",
-                               flush_interval=60, redis_timeout=0.2)  # fmt: skip
-        headers = [(b"host", b"api.test"), (b"x-consumer", b"acme")]
+        own = on_server(settings, server, redis_timeout=0.2)
         mw = Meterwall(ok_app, settings=own)
-        await mw(http_scope(headers=headers), body_receive(), _discard)
+        await acme_requests(mw, 1)
         server.stop()
         closing = asyncio.create_task(mw.aclose(timeout=0.5))
         await asyncio.sleep(0)  # aclose() is under way
-        await mw(http_scope(headers=headers), body_receive(), _discard)  # a late request
+        await mw(http_scope(headers=ACME), body_receive(), _discard)  # a late request
         assert not await closing
         for _ in range(3):
-            await mw(http_scope(headers=headers), body_receive(), _discard)
+            await mw(http_scope(headers=ACME), body_receive(), _discard)
         assert isinstance(mw.flusher.journal, FileJournal)
         assert mw.flusher.journal.writer == mw.flusher.writer
         server = EmbeddedRedis(port=port).start()
