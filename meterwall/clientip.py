@@ -157,6 +157,10 @@ class TrustedProxies:
     def __repr__(self) -> str:
         return f"TrustedProxies({[str(n) for n in self._networks]!r}, header={self.header!r})"
 
+    def forwarded(self, headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, ...]:
+        """The values of the one header ``resolve`` reads: with the peer, all it depends on."""
+        return tuple([v for n, v in headers if n == self._header])
+
     def is_trusted(self, ip16: bytes) -> bool:
         """Whether a canonical address is one of ours (IPv4 networks match mapped addresses)."""
         value = int.from_bytes(ip16)

@@ -228,15 +228,10 @@ class Flusher:
         if isinstance(self.journal, FileJournal):
             self.journal.forget_after_fork()  # the parent's journal and lock stay the parent's
             self.journal = NullJournal()
-        self._new_writer()
+        self._new_life()  # and, unlike a hand-over, not even its records or stats
         if self.records_on:  # never the parent's data key: its nonce counter would repeat
             self.sealer = RecordSealer(self.sealer.public_key)
-        self._pending.clear()
-        self._counters.clear()
-        self._uniques.clear()
-        self._uniques_fresh.clear()
-        self._uniques_bytes = self._uniques_dropped = 0
-        self.meter.take()
+        self._uniques_dropped = 0
         self.inbox.take(len(self.inbox))
         self.outbox.take(len(self.outbox))
         self._task = None
@@ -489,12 +484,7 @@ class Flusher:
         peer and forwarding headers: they repeat a lot. Like every cache that holds addresses,
         the cache is emptied after each flush."""
         trusted = self.settings.trusted_proxies
-        forwarded = (
-            tuple([v for n, v in headers if n == b"x-forwarded-for" or n == b"forwarded"])
-            if trusted
-            else ()
-        )
-        cache_key = (peer, forwarded)
+        cache_key = (peer, trusted.forwarded(headers) if trusted else ())
         found = self._address_cache.get(cache_key)
         if found is None:
             address = trusted.resolve(peer, headers) if trusted else peer

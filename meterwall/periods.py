@@ -9,6 +9,7 @@ and its snapshot written over the mark: a flush landing meanwhile is in one or t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -49,13 +50,11 @@ def period_days(period: str) -> list[str]:
 def check_month(period: str, *, setting: str = "period") -> str:
     """``period`` if it is a month (YYYY-MM), else ``ConfigurationError`` naming ``setting``
     (it ends up in key names and SCAN patterns: nothing else may pass)."""
-    try:
-        valid = len(period) == 7 and len(period_days(period)) >= 28
-    except ConfigurationError:
-        valid = False
-    if not valid:
-        raise ConfigurationError(setting, f"expected a month (YYYY-MM), got {period!r}")
-    return period
+    if len(period) == 7:
+        with contextlib.suppress(ConfigurationError):
+            period_days(period)  # a real month, or it raises
+            return period
+    raise ConfigurationError(setting, f"expected a month (YYYY-MM), got {period!r}")
 
 
 def period_end(period: str, zone_name: str) -> int:

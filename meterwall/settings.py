@@ -358,9 +358,9 @@ class Settings:
         if self.redis_url.startswith("redis://") and not _is_loopback_url(self.redis_url):
             notes.append("MW_REDIS_URL uses plain redis:// to a non-loopback host (no TLS)")
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.redis_url).query)
-        if [v.lower() for v in query.get("ssl_cert_reqs", ())] in (["none"], ["optional"]) or [
-            v.lower() for v in query.get("ssl_check_hostname", ())
-        ] in (["false"], ["0"], ["no"]):
+        unchecked = {v.lower() for v in query.get("ssl_cert_reqs", ())} & {"none", "optional"}
+        unchecked |= {v.lower() for v in query.get("ssl_check_hostname", ())} & {"false", "0", "no"}
+        if unchecked:
             notes.append("MW_REDIS_URL turns TLS certificate or host name checks off")
         if any(net.prefixlen == 0 for net in self.trusted_proxies.networks):
             notes.append(

@@ -42,6 +42,13 @@ async def acme_requests(app: Meterwall, count: int) -> None:
         await app(http_scope(headers=ACME), body_receive(), _discard)
 
 
+def killed(app: Meterwall) -> None:
+    """What a SIGKILL leaves of a worker: its flusher stops where it is, its journal stays."""
+    assert app.flusher._task is not None
+    app.flusher._task.cancel()
+    app.flusher.journal.forget_after_fork()
+
+
 async def requests_of(consumer: str, port: int, settings: Settings) -> int:
     """The consumer's requests this month, read from the Redis on ``port``."""
     async with aioredis.Redis(port=port) as direct:
@@ -438,9 +445,7 @@ async def test_an_adopted_journal_is_billed_in_the_consumers_zone(redis, setting
     dead = Meterwall(ok_app, settings=own, clock=clock)
     # 2026-11-01T02:00Z is October 31st, 22:00 in New York: October on acme's invoice
     await send_at(dead, clock, "2026-11-01T02:00:00", "acme")
-    assert dead.flusher._task is not None
-    dead.flusher._task.cancel()
-    dead.flusher.journal.forget_after_fork()  # killed before its flush
+    killed(dead)  # killed before its flush
 
     restarted = Meterwall(ok_app, settings=own)
     assert await restarted.flusher.flush_once()
@@ -467,9 +472,7 @@ async def test_a_flusher_started_again_after_aclose_and_killed_loses_no_count(
     assert await mw.aclose()
     for _ in range(4):
         await mw(http_scope(headers=headers), body_receive(), _discard)
-    assert mw.flusher._task is not None
-    mw.flusher._task.cancel()
-    mw.flusher.journal.forget_after_fork()  # then the worker is killed
+    killed(mw)  # then the worker is killed
 
     survivor = Meterwall(ok_app, settings=own)
     assert await survivor.flusher.flush_once()
@@ -498,9 +501,7 @@ async def test_a_journal_older_than_its_batch_marks_is_left_for_an_operator(
     assert await dead.flusher.flush_once()  # applied and acknowledged
     [mark] = await redis.keys(f"{settings.key_prefix}:*:hwm:{dead.flusher.writer}")
     assert MARK_LIFETIME_S - 60 < await redis.ttl(mark) <= MARK_LIFETIME_S
-    assert dead.flusher._task is not None
-    dead.flusher._task.cancel()
-    dead.flusher.journal.forget_after_fork()  # killed: its connection closes with it
+    killed(dead)  # killed: its connection closes with it
     assert dead.flusher._redis is not None
     await dead.flusher._redis.aclose()
     journal_dir = Path(own.journal_dir)
@@ -555,9 +556,7 @@ async def test_a_replayed_journal_is_replayed_again_when_redis_loses_the_replay(
         own = on_server(settings, server, counter_flush_interval=0)
         dead = Meterwall(ok_app, settings=own)
         await acme_requests(dead, 5)  # journaled, never flushed
-        assert dead.flusher._task is not None
-        dead.flusher._task.cancel()
-        dead.flusher.journal.forget_after_fork()  # killed
+        killed(dead)
 
         survivor = Meterwall(ok_app, settings=own)
         await survivor(http_scope(headers=ACME), body_receive(), _discard)
@@ -619,12 +618,9 @@ async def test_a_worker_serving_on_after_a_shutdown_left_its_journal_is_a_new_wr
         survivor = Meterwall(ok_app, settings=own)
         assert await survivor.flusher.flush_once()
         assert survivor.flusher.journals_adopted == 1
-        for _ in range(3):  # the app goes on serving
-            await mw(http_scope(headers=ACME), body_receive(), _discard)
+        await acme_requests(mw, 3)  # the app goes on serving
         assert mw.flusher.writer != first_writer
-        assert mw.flusher._task is not None
-        mw.flusher._task.cancel()
-        mw.flusher.journal.forget_after_fork()  # then it is killed
+        killed(mw)  # then it is killed
         for marker in _files(Path(own.journal_dir), "*.replayed"):  # the window has passed
             os.utime(marker, (time.time() - 20, time.time() - 20))
         survivor.flusher._next_adoption = 0.0
@@ -654,14 +650,11 @@ async def test_a_request_during_a_shutdown_that_leaves_its_journal_is_journaled_
         await asyncio.sleep(0)  # aclose() is under way
         await mw(http_scope(headers=ACME), body_receive(), _discard)  # a late request
         assert not await closing
-        for _ in range(3):
-            await mw(http_scope(headers=ACME), body_receive(), _discard)
+        await acme_requests(mw, 3)
         assert isinstance(mw.flusher.journal, FileJournal)
         assert mw.flusher.journal.writer == mw.flusher.writer
         server = EmbeddedRedis(port=port).start()
-        assert mw.flusher._task is not None
-        mw.flusher._task.cancel()
-        mw.flusher.journal.forget_after_fork()  # killed
+        killed(mw)
         survivor = Meterwall(ok_app, settings=own)
         assert await survivor.flusher.flush_once()
         assert await survivor.aclose()
